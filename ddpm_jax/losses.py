@@ -1,0 +1,126 @@
+"""The denoising training loss as a pure function of an ``apply_fn``, and timestep sampling.
+
+Training never runs the reverse chain: it draws one t per example, noises x0 in one shot with
+``q_sample`` and regresses the chosen target.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from ddpm_jax import diffusion
+from ddpm_jax import schedules as schedules_lib
+
+TARGETS = ('eps', 'x0', 'v')
+WEIGHTINGS = ('simple', 'snr', 'min_snr')
+TIMESTEP_SAMPLINGS = ('uniform', 'importance')
+
+# apply_fn(params, x_t [B, ...], t [B], key) -> prediction [B, ...]
+ApplyFn = Callable[[object, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+class LossHistory(NamedTuple):
+  """Running per-timestep statistics for importance sampling of t (Nichol & Dhariwal 2021)."""
+  mean_sq_loss: jax.Array  # [T] exponential moving average of the squared loss at each t
+  counts: jax.Array  # [T] int32, how many examples at each t have been seen
+
+
+def init_loss_history(num_timesteps: int) -> LossHistory:
+  return LossHistory(jnp.zeros((num_timesteps,), jnp.float32),
+                     jnp.zeros((num_timesteps,), jnp.int32))
+
+
+def update_loss_history(history: LossHistory, t, losses, decay: float = 0.9) -> LossHistory:
+  """Folds a batch's per-example losses [B] at timesteps t [B] into the history."""
+  num_timesteps = history.counts.shape[0]
+  batch_sum = jax.ops.segment_sum(losses ** 2, t, num_segments=num_timesteps)
+  batch_count = jax.ops.segment_sum(jnp.ones_like(t), t, num_segments=num_timesteps)
+  batch_mean = batch_sum / jnp.maximum(batch_count, 1)
+  first = history.counts == 0
+  blended = jnp.where(first, batch_mean, decay * history.mean_sq_loss + (1 - decay) * batch_mean)
+  mean_sq = jnp.where(batch_count > 0, blended, history.mean_sq_loss)
+  return LossHistory(mean_sq, history.counts + batch_count.astype(jnp.int32))
+
+
+def importance_probabilities(history: LossHistory, warmup: int = 10, uniform_prob: float = 1e-3):
+  """p(t) ∝ sqrt(E[L_t²]) mixed with a little uniform mass; uniform until every t was seen
+  ``warmup`` times. Returns [T]."""
+  num_timesteps = history.counts.shape[0]
+  weights = jnp.sqrt(history.mean_sq_loss)
+  probs = weights / jnp.maximum(weights.sum(), 1e-20)
+  probs = probs * (1 - uniform_prob) + uniform_prob / num_timesteps
+  uniform = jnp.full((num_timesteps,), 1.0 / num_timesteps)
+  warm = jnp.all(history.counts >= warmup)
+  return jnp.where(warm, probs, uniform)
+
+
+def sample_timesteps(key, schedule, batch_size: int,
+                     loss_history: Optional[LossHistory] = None):
+  """Draws t for each example and the importance weight that keeps the loss unbiased.
+
+  Discrete: integers uniform over [0, T) (the paper's 1..T), or from ``loss_history``.
+  Continuous: floats uniform on [t_min, 1]. Returns (t [B], weights [B]).
+  """
+  if schedules_lib.is_continuous(schedule):
+    if loss_history is not None:
+      raise ValueError("importance sampling of t needs a discrete schedule; use "
+                       "timestep_sampling='uniform' with continuous schedules")
+    t = jax.random.uniform(key, (batch_size,), minval=schedule.t_min, maxval=1.0)
+    return t, jnp.ones((batch_size,))
+  num_timesteps = schedule.num_timesteps
+  if loss_history is None:
+    t = jax.random.randint(key, (batch_size,), 0, num_timesteps)
+    return t, jnp.ones((batch_size,))
+  probs = importance_probabilities(loss_history)
+  t = jax.random.choice(key, num_timesteps, (batch_size,), p=probs)
+  return t, 1.0 / (num_timesteps * probs[t])
+
+
+def loss_weight(log_snr, target: str, weighting: str, min_snr_gamma: float = 5.0):
+  """Per-example weight on the squared error of ``target``, from log-SNR [B].
+
+  Weightings are defined on the x0-space error and carried to the target's space, using
+  |eps err|² = SNR |x0 err|² and |v err|² = (1 + SNR) |x0 err|²:
+  ``simple``: plain MSE on the target (DDPM's L_simple for eps);
+  ``snr``: x0-space weight SNR(t) (what eps-MSE is);
+  ``min_snr``: x0-space weight min(SNR(t), gamma) (Hang et al. 2023).
+  """
+  if weighting not in WEIGHTINGS:
+    raise ValueError(f'unknown loss weighting {weighting!r}; choose one of {", ".join(WEIGHTINGS)}')
+  if target not in TARGETS:
+    raise ValueError(f'unknown target {target!r}; choose one of {", ".join(TARGETS)}')
+  if weighting == 'simple':
+    return jnp.ones_like(log_snr)
+  snr = jnp.exp(log_snr)
+  x0_weight = snr if weighting == 'snr' else jnp.minimum(snr, min_snr_gamma)
+  to_target = {'eps': snr, 'x0': jnp.ones_like(snr), 'v': snr + 1.0}[target]
+  return x0_weight / to_target
+
+
+def diffusion_loss(apply_fn: ApplyFn, params, x0, key, schedule, *, target: str = 'eps',
+                   weighting: str = 'simple', min_snr_gamma: float = 5.0,
+                   loss_history: Optional[LossHistory] = None):
+  """Mean denoising loss over a batch x0 [B, ...].
+
+  Draws t and noise, forms x_t with ``q_sample``, calls ``apply_fn(params, x_t, t, key)`` and
+  regresses ``target``. Returns (loss scalar, aux) where aux holds ``per_example`` [B] losses
+  (before importance weights) and ``t`` [B].
+  """
+  if target not in TARGETS:
+    raise ValueError(f'unknown target {target!r}; choose one of {", ".join(TARGETS)}')
+  t_key, noise_key, model_key = jax.random.split(key, 3)
+  batch_size = x0.shape[0]
+  t, importance = sample_timesteps(t_key, schedule, batch_size, loss_history)
+  noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
+  x_t = diffusion.q_sample(schedule, x0, t, noise)
+  alpha, sigma = diffusion.alpha_sigma(schedule, t)
+  wanted = diffusion.join_prediction(x0, noise, diffusion.per_example(alpha, x0),
+                                     diffusion.per_example(sigma, x0), target)
+  prediction = apply_fn(params, x_t, t, model_key).astype(jnp.float32)
+  squared_error = jnp.mean((prediction - wanted) ** 2, axis=tuple(range(1, x0.ndim)))
+  per_example = loss_weight(diffusion.log_snr(schedule, t), target, weighting,
+                            min_snr_gamma) * squared_error
+  return jnp.mean(importance * per_example), {'per_example': per_example, 't': t}

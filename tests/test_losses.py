@@ -1,0 +1,77 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax import diffusion, losses, schedules
+
+
+def _oracle(sched, x0, target):
+  """An apply_fn that knows x0 and so returns the exact target for any x_t."""
+  def apply_fn(params, x_t, t, key):
+    alpha, sigma = (diffusion.per_example(c, x_t) for c in diffusion.alpha_sigma(sched, t))
+    eps = (x_t - alpha * x0) / sigma
+    return diffusion.join_prediction(x0, eps, alpha, sigma, target)
+  return apply_fn
+
+
+@pytest.mark.parametrize('sched', [schedules.linear(), schedules.vp_linear()])
+@pytest.mark.parametrize('target', losses.TARGETS)
+@pytest.mark.parametrize('weighting', losses.WEIGHTINGS)
+def test_loss_zero_for_oracle_positive_otherwise(sched, target, weighting):
+  x0 = jax.random.uniform(jax.random.key(0), (16, 4, 4, 1), minval=-1, maxval=1)
+  key = jax.random.key(1)
+  loss_fn = jax.jit(losses.diffusion_loss, static_argnames=('apply_fn', 'target', 'weighting'))
+  good, aux = loss_fn(_oracle(sched, x0, target), None, x0, key, sched, target=target,
+                      weighting=weighting)
+  assert float(good) < 1e-6
+  assert aux['per_example'].shape == (16,)
+  bad, _ = loss_fn(lambda p, x_t, t, k: jnp.zeros_like(x_t), None, x0, key, sched, target=target,
+                   weighting=weighting)
+  assert float(bad) > 1e-3
+
+
+def test_simple_eps_loss_is_mse_against_drawn_noise():
+  """With prediction 0, L_simple for eps is E|eps|² = 1 over many draws."""
+  sched = schedules.linear()
+  x0 = jnp.zeros((4096, 8))
+  loss, aux = losses.diffusion_loss(lambda p, x, t, k: jnp.zeros_like(x), None, x0,
+                                    jax.random.key(3), sched)
+  np.testing.assert_allclose(loss, 1.0, atol=0.01)
+  t = np.asarray(aux['t'])
+  assert t.min() >= 0 and t.max() <= 999 and len(np.unique(t)) > 900
+
+
+def test_min_snr_weights():
+  log_snr = jnp.log(jnp.array([0.5, 5.0, 50.0]))
+  snr = np.array([0.5, 5.0, 50.0])
+  np.testing.assert_allclose(losses.loss_weight(log_snr, 'eps', 'min_snr'),
+                             np.minimum(snr, 5) / snr, rtol=1e-5)
+  np.testing.assert_allclose(losses.loss_weight(log_snr, 'x0', 'min_snr'),
+                             np.minimum(snr, 5), rtol=1e-5)
+  np.testing.assert_allclose(losses.loss_weight(log_snr, 'v', 'min_snr'),
+                             np.minimum(snr, 5) / (snr + 1), rtol=1e-5)
+  np.testing.assert_allclose(losses.loss_weight(log_snr, 'eps', 'snr'), 1.0, rtol=1e-5)
+  with pytest.raises(ValueError, match="'p2'.*simple, snr, min_snr"):
+    losses.loss_weight(log_snr, 'eps', 'p2')
+  with pytest.raises(ValueError, match="'noise'.*eps, x0, v"):
+    losses.diffusion_loss(None, None, jnp.zeros((1, 2)), jax.random.key(0), schedules.linear(),
+                          target='noise')
+
+
+def test_importance_sampling_follows_history_and_is_unbiased():
+  T = 4
+  history = losses.init_loss_history(T)
+  # Before every t has been seen, sampling is uniform.
+  np.testing.assert_allclose(losses.importance_probabilities(history), 0.25)
+  t = jnp.array([0, 1, 2, 3] * 20)
+  per_t_loss = jnp.array([1.0, 1.0, 2.0, 4.0])
+  history = losses.update_loss_history(history, t, per_t_loss[t])
+  probs = losses.importance_probabilities(history)
+  np.testing.assert_allclose(probs, np.array([1, 1, 2, 4]) / 8 * (1 - 1e-3) + 1e-3 / 4, rtol=1e-5)
+  sched = schedules.linear(T, 0.1, 0.2)
+  drawn, weights = losses.sample_timesteps(jax.random.key(0), sched, 100000, history)
+  freq = np.bincount(np.asarray(drawn), minlength=T) / 100000
+  np.testing.assert_allclose(freq, probs, atol=0.01)
+  # E_p[w L] equals the uniform mean of L.
+  np.testing.assert_allclose(np.mean(weights * per_t_loss[drawn]), per_t_loss.mean(), rtol=0.02)
