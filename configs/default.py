@@ -1,0 +1,109 @@
+"""Every field the trainer and samplers read, with defaults; other configs override a few.
+
+Sections: data, model, diffusion, optim, training, sampling. Alone it trains the small model
+on the offline digits set:
+
+  python train.py --config=configs/default.py --workdir=runs/default
+"""
+
+import ml_collections
+
+
+def model_small():
+  """A 0.7M-parameter UNet for 8x8 / 16x16 images and tests."""
+  return ml_collections.ConfigDict(dict(
+      ch=32, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(4,), dropout=0.0, num_heads=1,
+      num_groups=8, num_classes=0, spatial_dims=2, dtype='float32'))
+
+
+def model_cifar10():
+  """The DDPM paper's CIFAR-10 network: 35,746,307 parameters."""
+  return ml_collections.ConfigDict(dict(
+      ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1,
+      num_heads=1, num_groups=32, num_classes=0, spatial_dims=2, dtype='float32'))
+
+
+def model_1d():
+  """A 1-D UNet for time-series windows [B, L, C] (L divisible by 8)."""
+  return ml_collections.ConfigDict(dict(
+      ch=64, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(64,), dropout=0.0,
+      num_heads=4, num_groups=32, num_classes=0, spatial_dims=1, dtype='float32'))
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+
+  config.data = ml_collections.ConfigDict(dict(
+      # 'digits' (scikit-learn's 8x8 digits, offline), 'synthetic' (random images),
+      # 'images' (data.path: a folder of PNG/JPEG or a .npy/.npz uint8 [N, H, W, C] array),
+      # 'series' (data.path: a CSV/.npy/.npz long series cut into windows), or any
+      # tensorflow-datasets image set by name (cifar10, mnist, fashion_mnist, ...).
+      name='digits',
+      split='train',
+      path='',
+      data_dir='',  # tfds data_dir; '' means tfds's default (~/tensorflow_datasets)
+      try_gcs=False,  # let tfds read a prepared copy from its public bucket
+      image_size=8,  # expected height = width (checked against the data)
+      channels=1,
+      random_flip=False,
+      num_examples=1024,  # synthetic only
+      # series only:
+      columns='',  # comma-separated CSV column names; '' = every numeric column
+      time_column='date',
+      window=512,
+      stride=1,
+      normalization='zscore',  # or 'minmax' (to [-1, 1])
+      val_fraction=0.1,
+      fill_nan=False,
+  ))
+
+  config.model = model_small()
+
+  config.diffusion = ml_collections.ConfigDict(dict(
+      schedule='linear',  # linear | cosine | vp_linear | vp_cosine
+      num_timesteps=1000,
+      beta_start=1e-4,
+      beta_end=0.02,
+      cosine_s=0.008,
+      vp_beta_min=0.1,
+      vp_beta_max=20.0,
+      target='eps',  # eps | x0 | v
+      weighting='simple',  # simple | snr | min_snr
+      min_snr_gamma=5.0,
+      timestep_sampling='uniform',  # uniform | importance
+  ))
+
+  config.optim = ml_collections.ConfigDict(dict(
+      learning_rate=2e-4,
+      warmup_steps=5000,
+      grad_clip=1.0,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      ema_decay=0.9999,
+  ))
+
+  config.training = ml_collections.ConfigDict(dict(
+      num_steps=3000,
+      batch_size=64,  # global, over all devices and hosts
+      seed=0,
+      log_every=50,
+      checkpoint_every=500,
+      sample_every=1000,
+      keep_checkpoints=3,
+      max_nonfinite_steps=20,  # consecutive skipped updates before the run stops
+      label_dropout=0.1,  # class-conditional only: probability of the null label
+      num_sample_images=64,
+  ))
+
+  config.sampling = ml_collections.ConfigDict(dict(
+      method='ddim',  # ddpm | ddim | dpm_solver++ | euler_maruyama | ode
+      num_steps=50,
+      eta=0.0,
+      spacing='uniform',  # ddim: uniform | quadratic
+      variance='small',  # ddpm: small (beta-tilde) | large (beta)
+      clip_x0=True,
+      guidance_scale=1.0,
+      batch_size=256,  # samples per device call in sample.py
+  ))
+  return config

@@ -1,0 +1,36 @@
+"""The noise-prediction network and its construction from a config."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from ddpm_jax.models.unet import UNet
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def create_model(config) -> UNet:
+  """Builds the UNet from a full config (the ConfigDict that ``configs/*.py`` return)."""
+  model = config.model
+  if model.dtype not in DTYPES:
+    raise ValueError(f'unknown model.dtype {model.dtype!r}; choose one of {", ".join(DTYPES)}')
+  if model.spatial_dims not in (1, 2):
+    raise ValueError(f'model.spatial_dims must be 1 (windows) or 2 (images), got {model.spatial_dims}')
+  continuous = config.diffusion.schedule.startswith('vp_')
+  return UNet(
+      ch=model.ch,
+      ch_mult=tuple(model.ch_mult),
+      num_res_blocks=model.num_res_blocks,
+      attn_resolutions=tuple(model.attn_resolutions),
+      dropout=model.dropout,
+      num_heads=model.num_heads,
+      num_groups=model.num_groups,
+      out_channels=config.data.channels,
+      num_classes=model.num_classes,
+      spatial_dims=model.spatial_dims,
+      time_scale=1000.0 if continuous else 1.0,
+      dtype=DTYPES[model.dtype],
+  )
+
+
+__all__ = ['UNet', 'create_model']

@@ -1,0 +1,119 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from ddpm_jax.models import UNet, create_model
+
+
+def tiny(**overrides):
+  kwargs = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0,
+                num_heads=2, num_groups=8)
+  kwargs.update(overrides)
+  return UNet(**kwargs)
+
+
+def randomized(params, key):
+  """DDPM zero-initialises the last conv of each branch; random values make every path count."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(treedef, [0.2 * jax.random.normal(k, x.shape)
+                                      for k, x in zip(keys, leaves)])
+
+
+def init(model, x, labels=None):
+  t = jnp.zeros((x.shape[0],), jnp.int32)
+  params = model.init(jax.random.key(0), x, t, labels)['params']
+  return randomized(params, jax.random.key(1))
+
+
+def test_cifar10_preset_parameter_count():
+  config = default.get_config()
+  config.model = default.model_cifar10()
+  config.data.channels = 3
+  model = create_model(config)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                             jnp.zeros((1,), jnp.int32)))
+  count = sum(x.size for x in jax.tree.leaves(shapes))
+  # The diffusers port of the DDPM CIFAR-10 network counts 35,746,307 parameters.
+  assert abs(count - 35_746_307) / 35_746_307 < 1e-3, count
+
+
+@pytest.mark.parametrize('spatial_dims,shape', [(2, (3, 8, 8, 3)), (1, (3, 16, 2))])
+@pytest.mark.parametrize('num_classes', [0, 10])
+def test_output_shape_and_time_dependence(spatial_dims, shape, num_classes):
+  model = tiny(spatial_dims=spatial_dims, num_classes=num_classes)
+  x = jax.random.normal(jax.random.key(2), shape)
+  labels = jnp.array([0, 3, 10]) if num_classes else None
+  params = init(model, x, labels)
+  apply = jax.jit(lambda p, x, t, y: model.apply({'params': p}, x, t, y))
+  out = apply(params, x, jnp.array([1, 2, 3]), labels)
+  assert out.shape == x.shape and out.dtype == jnp.float32
+  out2 = apply(params, x, jnp.array([500, 2, 3]), labels)
+  assert not np.allclose(out[0], out2[0], atol=1e-4)  # t changes the output...
+  np.testing.assert_allclose(out[1:], out2[1:], rtol=1e-5, atol=1e-5)  # ...of that example only
+  if num_classes:
+    out3 = apply(params, x, jnp.array([1, 2, 3]), jnp.array([5, 3, 10]))
+    assert not np.allclose(out[0], out3[0], atol=1e-4)
+
+
+def test_continuous_time_embedding():
+  model = tiny(time_scale=1000.0)
+  x = jax.random.normal(jax.random.key(2), (2, 8, 8, 1))
+  params = init(model, x)
+  a = model.apply({'params': params}, x, jnp.array([0.1, 0.1]))
+  b = model.apply({'params': params}, x, jnp.array([0.1, 0.9]))
+  np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(a[1], b[1], atol=1e-4)
+
+
+def test_dropout_only_in_training():
+  model = tiny(dropout=0.5)
+  x = jax.random.normal(jax.random.key(2), (2, 8, 8, 1))
+  params = init(model, x)
+  t = jnp.array([5, 6])
+  run = lambda train, seed: model.apply({'params': params}, x, t, train=train,
+                                        rngs={'dropout': jax.random.key(seed)})
+  np.testing.assert_array_equal(run(False, 0), run(False, 1))
+  assert not np.allclose(run(True, 0), run(True, 1), atol=1e-4)
+  np.testing.assert_array_equal(run(True, 0), run(True, 0))
+
+
+def test_batch_items_never_interact():
+  model = tiny()
+  x = jax.random.normal(jax.random.key(3), (5, 8, 8, 1))
+  t = jnp.array([1, 50, 100, 500, 999])
+  params = init(model, x)
+  perm = jnp.array([3, 0, 4, 1, 2])
+  out = model.apply({'params': params}, x, t)
+  out_perm = model.apply({'params': params}, x[perm], t[perm])
+  np.testing.assert_allclose(out_perm, out[perm], rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_compute_close_to_float32():
+  x = jax.random.normal(jax.random.key(4), (2, 8, 8, 3))
+  t = jnp.array([10, 700])
+  params = init(tiny(), x)
+  out32 = tiny().apply({'params': params}, x, t)
+  out16 = tiny(dtype=jnp.bfloat16).apply({'params': params}, x, t)
+  assert out16.dtype == jnp.float32
+  assert jax.tree.leaves(params)[0].dtype == jnp.float32
+  rel = float(jnp.linalg.norm(out16 - out32) / jnp.linalg.norm(out32))
+  assert rel < 0.05, rel
+
+
+def test_bad_input():
+  model = tiny(ch_mult=(1, 2, 2))
+  t = jnp.zeros((1,), jnp.int32)
+  with pytest.raises(ValueError, match=r'\(10, 10\) is not divisible by 4.*e\.g\. 8, 8'):
+    model.init(jax.random.key(0), jnp.zeros((1, 10, 10, 1)), t)
+  with pytest.raises(ValueError, match=r'GroupNorm\(32\) cannot split 16 channels'):
+    tiny(num_groups=32).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), t)
+  with pytest.raises(ValueError, match='unconditional model'):
+    tiny().init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), t, jnp.zeros((1,), jnp.int32))
+  with pytest.raises(ValueError, match=r'labels must lie in \[0, 9\].*\[0, 11\]'):
+    tiny(num_classes=10).init(jax.random.key(0), jnp.zeros((2, 8, 8, 1)), jnp.zeros((2,), jnp.int32),
+                              jnp.array([0, 11]))
+  with pytest.raises(ValueError, match=r'\[B, L, C\] inputs, got shape \(1, 8, 8, 1\)'):
+    tiny(spatial_dims=1).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), t)
