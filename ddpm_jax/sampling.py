@@ -1,0 +1,286 @@
+"""Reverse-process samplers, each one ``jax.lax.scan`` over its steps.
+
+Model-agnostic: ``model_fn(x_t, t)`` returns the network output under ``prediction`` (eps, x0
+or v) for x_t [B, ...] and t [B] (integer timesteps for discrete schedules, floats in [0, 1]
+for continuous ones). Works with any network or with an analytic denoiser. No Flax, no config.
+
+Methods and their network calls (NFE):
+  ddpm            discrete; ancestral sampling over all T steps; NFE = T.
+  ddim            num_steps strided steps (Song et al. 2021), eta in [0, 1]; NFE = num_steps.
+  dpm_solver++    multistep second-order DPM-Solver++(2M) (Lu et al. 2022), steps uniform in
+                  log-SNR; NFE = num_steps.
+  euler_maruyama  continuous; the reverse VP-SDE, last step without noise; NFE = num_steps.
+  ode             continuous; the probability-flow ODE with Heun's method; NFE = 2 num_steps.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm_jax import diffusion
+from ddpm_jax import schedules as schedules_lib
+
+METHODS = ('ddpm', 'ddim', 'dpm_solver++', 'euler_maruyama', 'ode')
+DISCRETE_ONLY = ('ddpm',)
+CONTINUOUS_ONLY = ('euler_maruyama', 'ode')
+SPACINGS = ('uniform', 'quadratic')
+VARIANCES = ('small', 'large')
+
+ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+class Plan(NamedTuple):
+  """A sampler: ``step(carry, xs_i) -> (carry, (x_t, x0_pred))`` scanned over ``xs``."""
+  step: Callable
+  xs: dict
+  nfe: int
+
+
+def check_method(method: str, schedule, num_steps: Optional[int]) -> int:
+  """Validates a method for a schedule; returns the number of steps it will take."""
+  if method not in METHODS:
+    raise ValueError(f'unknown sampling method {method!r}; choose one of {", ".join(METHODS)}')
+  continuous = schedules_lib.is_continuous(schedule)
+  if continuous and method in DISCRETE_ONLY:
+    raise ValueError(f'{method!r} needs a discrete schedule; with a continuous one use one of '
+                     f'ddim, dpm_solver++, euler_maruyama, ode')
+  if not continuous and method in CONTINUOUS_ONLY:
+    raise ValueError(f'{method!r} needs a continuous (vp_*) schedule; with a discrete one use one '
+                     f'of ddpm, ddim, dpm_solver++')
+  if method == 'ddpm':
+    if num_steps not in (None, schedule.num_timesteps):
+      raise ValueError(f'ddpm always takes all T = {schedule.num_timesteps} steps; got '
+                       f'num_steps={num_steps} (use ddim or dpm_solver++ for fewer)')
+    return schedule.num_timesteps
+  if num_steps is None:
+    raise ValueError(f'{method} needs num_steps')
+  if int(num_steps) != num_steps or num_steps < 1:
+    raise ValueError(f'num_steps must be a positive integer, got {num_steps!r}')
+  if not continuous and num_steps > schedule.num_timesteps:
+    raise ValueError(f'num_steps={num_steps} is larger than the schedule\'s T = '
+                     f'{schedule.num_timesteps}; choose 1..{schedule.num_timesteps}')
+  return int(num_steps)
+
+
+def _strictly_decreasing_ints(values, num_timesteps: int) -> np.ndarray:
+  """Rounds descending times to distinct integers in [0, T) (a too-close pair is pushed apart)."""
+  ints = np.clip(np.round(values).astype(np.int64), 0, num_timesteps - 1)
+  ints = np.sort(ints)
+  for i in range(1, len(ints)):  # push duplicates up...
+    ints[i] = max(ints[i], ints[i - 1] + 1)
+  overflow = ints[-1] - (num_timesteps - 1)
+  if overflow > 0:  # ...and, near T, back down
+    ints[-1] = num_timesteps - 1
+    for i in range(len(ints) - 2, -1, -1):
+      ints[i] = min(ints[i], ints[i + 1] - 1)
+  return ints[::-1].copy()
+
+
+def timesteps(schedule, num_steps: int, spacing: str = 'uniform') -> np.ndarray:
+  """The num_steps model-call times for ddim / euler / ode, descending.
+
+  Discrete: distinct integers from T-1 down to 0, uniform or quadratic (dense near t = 0).
+  Continuous: floats from t_max down to t_min.
+  """
+  if spacing not in SPACINGS:
+    raise ValueError(f'unknown spacing {spacing!r}; choose one of {", ".join(SPACINGS)}')
+  if schedules_lib.is_continuous(schedule):
+    unit = np.linspace(1.0, 0.0, num_steps) if num_steps > 1 else np.ones(1)
+    if spacing == 'quadratic':
+      unit = unit ** 2
+    return (schedule.t_min + unit * (schedule.t_max - schedule.t_min)).astype(np.float32)
+  last = schedule.num_timesteps - 1
+  unit = np.linspace(1.0, 0.0, num_steps) if num_steps > 1 else np.ones(1)
+  values = last * unit ** 2 if spacing == 'quadratic' else last * unit
+  return _strictly_decreasing_ints(values, schedule.num_timesteps)
+
+
+def log_snr_timesteps(schedule, num_steps: int) -> np.ndarray:
+  """num_steps + 1 times from the noisiest to the cleanest, uniform in log-SNR, descending."""
+  if schedules_lib.is_continuous(schedule):
+    dense = np.linspace(schedule.t_min, schedule.t_max, 20001)
+    with jax.ensure_compile_time_eval():
+      lam = np.asarray(schedule.log_snr(jnp.asarray(dense)), np.float64)  # decreasing in t
+    targets = np.linspace(lam[-1], lam[0], num_steps + 1)
+    return np.interp(targets, lam[::-1], dense[::-1]).astype(np.float32)
+  with jax.ensure_compile_time_eval():
+    abar = np.asarray(schedule.alphas_cumprod, np.float64)
+  lam = np.log(abar) - np.log1p(-abar)
+  targets = np.linspace(lam[-1], lam[0], num_steps + 1)
+  # lam decreases in t: interpolate t as a function of lam on the reversed table.
+  t_float = np.interp(targets, lam[::-1], np.arange(len(lam))[::-1].astype(np.float64))
+  return _strictly_decreasing_ints(t_float, schedule.num_timesteps)
+
+
+def _alpha_sigma_np(schedule, t: np.ndarray):
+  # The grid is fixed before sampling starts: evaluate it now even inside a caller's jit.
+  with jax.ensure_compile_time_eval():
+    alpha, sigma = diffusion.alpha_sigma(schedule, jnp.asarray(t))
+  return np.asarray(alpha, np.float32), np.asarray(sigma, np.float32)
+
+
+def _denoise(model_fn, x, t, alpha, sigma, prediction: str, clip_x0: bool):
+  """Calls the network once at time t (a scalar) and returns (x0, eps).
+
+  With clip_x0, x0 is clipped to [-1, 1] and eps recomputed from it, as guided-diffusion does.
+  """
+  out = model_fn(x, jnp.full((x.shape[0],), t)).astype(x.dtype)
+  x0, eps = diffusion.split_prediction(out, x, alpha, sigma, prediction)
+  if clip_x0:
+    x0 = jnp.clip(x0, -1.0, 1.0)
+    eps = (x - alpha * x0) / sigma
+  return x0, eps
+
+
+def _ddpm_plan(model_fn, schedule, key, prediction, clip_x0, variance):
+  if variance not in VARIANCES:
+    raise ValueError(f'unknown ddpm variance {variance!r}; choose one of {", ".join(VARIANCES)}')
+  num_timesteps = schedule.num_timesteps
+  if variance == 'small':
+    log_variance = schedule.posterior_log_variance_clipped
+  else:  # beta_t, with the t = 0 entry from beta-tilde_1 as in DDPM's "fixedlarge"
+    log_variance = jnp.log(jnp.concatenate([schedule.posterior_variance[1:2], schedule.betas[1:]]))
+
+  def step(x, xs):
+    t = xs['t']
+    x0, _ = _denoise(model_fn, x, t, schedule.sqrt_alphas_cumprod[t],
+                     schedule.sqrt_one_minus_alphas_cumprod[t], prediction, clip_x0)
+    mean = schedule.posterior_mean_coef1[t] * x0 + schedule.posterior_mean_coef2[t] * x
+    noise = jax.random.normal(jax.random.fold_in(key, t), x.shape, x.dtype)
+    x = mean + jnp.where(t > 0, jnp.exp(0.5 * log_variance[t]), 0.0) * noise
+    return x, (x, x0)
+
+  t = jnp.arange(num_timesteps - 1, -1, -1, dtype=jnp.int32)
+  return Plan(step, {'t': t}, num_timesteps)
+
+
+def _ddim_plan(model_fn, schedule, key, num_steps, prediction, clip_x0, eta, spacing):
+  ts = timesteps(schedule, num_steps, spacing)
+  alpha, sigma = _alpha_sigma_np(schedule, ts)
+  # After the last call the chain lands on clean data: abar = 1.
+  alpha_next = np.append(alpha[1:], 1.0).astype(np.float32)
+  sigma_next = np.append(sigma[1:], 0.0).astype(np.float32)
+
+  def step(x, xs):
+    x0, eps = _denoise(model_fn, x, xs['t'], xs['alpha'], xs['sigma'], prediction, clip_x0)
+    # sigma_eta² = eta² (1 - abar_next)/(1 - abar) (1 - abar/abar_next)  (DDIM eq. 16)
+    ratio = (xs['alpha'] / xs['alpha_next']) ** 2
+    noise_std = eta * xs['sigma_next'] / xs['sigma'] * jnp.sqrt(jnp.maximum(1.0 - ratio, 0.0))
+    direction = jnp.sqrt(jnp.maximum(xs['sigma_next'] ** 2 - noise_std ** 2, 0.0))
+    noise = jax.random.normal(jax.random.fold_in(key, xs['i']), x.shape, x.dtype)
+    x = xs['alpha_next'] * x0 + direction * eps + noise_std * noise
+    return x, (x, x0)
+
+  xs = dict(i=jnp.arange(num_steps), t=jnp.asarray(ts), alpha=jnp.asarray(alpha),
+            sigma=jnp.asarray(sigma), alpha_next=jnp.asarray(alpha_next),
+            sigma_next=jnp.asarray(sigma_next))
+  return Plan(step, xs, num_steps)
+
+
+def _dpm_solver_plan(model_fn, schedule, num_steps, prediction, clip_x0):
+  ts = log_snr_timesteps(schedule, num_steps)  # [N + 1]
+  alpha, sigma = _alpha_sigma_np(schedule, ts)
+  lam = np.log(alpha.astype(np.float64)) - np.log(sigma.astype(np.float64))
+  h = np.diff(lam)  # [N], h_i = lambda_{i+1} - lambda_i > 0
+  h_prev = np.append(h[0], h[:-1])  # unused at the first step
+
+  def step(carry, xs):
+    x, x0_prev = carry
+    x0, _ = _denoise(model_fn, x, xs['t'], xs['alpha'], xs['sigma'], prediction, clip_x0)
+    # Second order from the previous data prediction (DPM-Solver++(2M), Lu et al. 2022, Alg. 2);
+    # the first step has none and is first order (DDIM).
+    half_inv_r = 0.5 * xs['h'] / xs['h_prev']
+    d = jnp.where(xs['first'], x0, (1 + half_inv_r) * x0 - half_inv_r * x0_prev)
+    x = xs['sigma_next'] / xs['sigma'] * x - xs['alpha_next'] * jnp.expm1(-xs['h']) * d
+    return (x, x0), (x, x0)
+
+  xs = dict(t=jnp.asarray(ts[:-1]), alpha=jnp.asarray(alpha[:-1]), sigma=jnp.asarray(sigma[:-1]),
+            alpha_next=jnp.asarray(alpha[1:]), sigma_next=jnp.asarray(sigma[1:]),
+            h=jnp.asarray(h, jnp.float32), h_prev=jnp.asarray(h_prev, jnp.float32),
+            first=jnp.arange(num_steps) == 0)
+  return Plan(step, xs, num_steps)
+
+
+def _sde_plan(model_fn, schedule, key, num_steps, prediction, method):
+  grid = np.linspace(schedule.t_max, schedule.t_min, num_steps + 1).astype(np.float32)
+  t, t_next = grid[:-1], grid[1:]
+
+  def drift(x, t):
+    """dx/dt of the reverse SDE (-1/2 beta x - beta score) or the PF ODE (half the score term)."""
+    alpha, sigma = schedule.mean_coef(t), schedule.std(t)
+    _, eps = _denoise(model_fn, x, t, alpha, sigma, prediction, clip_x0=False)
+    score = -eps / sigma
+    beta = schedule.beta(t)
+    score_weight = 1.0 if method == 'euler_maruyama' else 0.5
+    return -0.5 * beta * x - score_weight * beta * score, eps
+
+  def step(x, xs):
+    dt = xs['t_next'] - xs['t']  # negative: time runs backwards
+    d, eps = drift(x, xs['t'])
+    if method == 'euler_maruyama':
+      noise = jax.random.normal(jax.random.fold_in(key, xs['i']), x.shape, x.dtype)
+      noise_std = jnp.where(xs['last'], 0.0, jnp.sqrt(schedule.beta(xs['t']) * -dt))
+      x = x + d * dt + noise_std * noise
+    else:  # Heun: average the slopes at both ends of the step
+      x_euler = x + d * dt
+      d_next, _ = drift(x_euler, xs['t_next'])
+      x = x + 0.5 * (d + d_next) * dt
+    alpha, sigma = schedule.mean_coef(xs['t']), schedule.std(xs['t'])
+    return x, (x, (x - sigma * eps) / alpha)
+
+  xs = dict(i=jnp.arange(num_steps), t=jnp.asarray(t), t_next=jnp.asarray(t_next),
+            last=jnp.arange(num_steps) == num_steps - 1)
+  return Plan(step, xs, num_steps * (2 if method == 'ode' else 1))
+
+
+def make_plan(model_fn: ModelFn, schedule, key, *, method: str, num_steps: Optional[int] = None,
+              eta: float = 0.0, prediction: str = 'eps', clip_x0: bool = True,
+              variance: str = 'small', spacing: str = 'uniform') -> Plan:
+  """The steps of a sampler, for ``sample`` to scan (or a caller to scan in chunks)."""
+  diffusion.check_prediction(prediction, ('eps', 'x0', 'v'))
+  num_steps = check_method(method, schedule, num_steps)
+  if not 0.0 <= eta <= 1.0:
+    raise ValueError(f'eta must lie in [0, 1], got {eta}')
+  if method == 'ddpm':
+    return _ddpm_plan(model_fn, schedule, key, prediction, clip_x0, variance)
+  if method == 'ddim':
+    return _ddim_plan(model_fn, schedule, key, num_steps, prediction, clip_x0, eta, spacing)
+  if method == 'dpm_solver++':
+    return _dpm_solver_plan(model_fn, schedule, num_steps, prediction, clip_x0)
+  return _sde_plan(model_fn, schedule, key, num_steps, prediction, method)
+
+
+def sample(model_fn: ModelFn, schedule, key, shape, *, method: str,
+           num_steps: Optional[int] = None, eta: float = 0.0, prediction: str = 'eps',
+           clip_x0: bool = True, x_T=None, variance: str = 'small', spacing: str = 'uniform',
+           return_trajectory: bool = False, progress: Optional[Callable[[int], None]] = None):
+  """Runs the reverse process from x_T ~ N(0, I) of ``shape`` and returns x_0 in model space.
+
+  ``x_T`` fixes the starting noise. ``return_trajectory`` also returns (x_t, predicted x0), each
+  [num_steps, *shape], after every step. ``progress(i)`` is called from the device after step i
+  (a host callback: for progress bars). Jit-able; ``key`` draws x_T and all step noise.
+  """
+  init_key, step_key = jax.random.split(key)
+  plan = make_plan(model_fn, schedule, step_key, method=method, num_steps=num_steps, eta=eta,
+                   prediction=prediction, clip_x0=clip_x0, variance=variance, spacing=spacing)
+  if x_T is None:
+    x_T = jax.random.normal(init_key, shape, jnp.float32)
+  elif tuple(x_T.shape) != tuple(shape):
+    raise ValueError(f'x_T has shape {tuple(x_T.shape)} but shape is {tuple(shape)}')
+  first = next(iter(plan.xs.values()))
+  num_scan_steps = first.shape[0]
+  carry = (x_T, jnp.zeros_like(x_T)) if method == 'dpm_solver++' else x_T
+
+  def body(carry, xs_i):
+    carry, out = plan.step(carry, xs_i[0])
+    if progress is not None:
+      jax.debug.callback(progress, xs_i[1])
+    return carry, (out if return_trajectory else None)
+
+  carry, trajectory = jax.lax.scan(body, carry, (plan.xs, jnp.arange(num_scan_steps)))
+  x = carry[0] if method == 'dpm_solver++' else carry
+  return (x, trajectory) if return_trajectory else x
