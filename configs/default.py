@@ -43,8 +43,8 @@ def get_config():
       path='',
       data_dir='',  # tfds data_dir; '' means tfds's default (~/tensorflow_datasets)
       try_gcs=False,  # let tfds read a prepared copy from its public bucket
-      image_size=8,  # expected height = width (checked against the data)
-      channels=1,
+      image_size=0,  # height = width; 0 takes it from the data, any other value is checked
+      channels=0,  # 0 takes it from the data
       random_flip=False,
       num_examples=1024,  # synthetic only
       # series only:

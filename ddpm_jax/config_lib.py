@@ -1,0 +1,73 @@
+"""The boundary between an ml_collections config and the typed values the library uses."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import ml_collections
+
+from ddpm_jax import schedules as schedules_lib
+
+# Sections a checkpoint depends on: resuming with other values here cannot work.
+CHECKPOINT_SECTIONS = ('model', 'diffusion')
+CHECKPOINT_DATA_FIELDS = ('image_size', 'channels', 'window', 'columns', 'normalization')
+SERIES = 'series'
+
+
+def schedule_from_config(config):
+  """The noise schedule that ``config.diffusion`` names."""
+  d = config.diffusion
+  if d.schedule == 'linear':
+    return schedules_lib.linear(d.num_timesteps, d.beta_start, d.beta_end)
+  if d.schedule == 'cosine':
+    return schedules_lib.cosine(d.num_timesteps, s=d.cosine_s)
+  if d.schedule == 'vp_linear':
+    return schedules_lib.vp_linear(d.vp_beta_min, d.vp_beta_max)
+  if d.schedule == 'vp_cosine':
+    return schedules_lib.vp_cosine(s=d.cosine_s)
+  return schedules_lib.get_schedule(d.schedule)  # raises the ValueError naming the choices
+
+
+def is_series(config) -> bool:
+  return config.data.name == SERIES
+
+
+def data_shape(config) -> tuple:
+  """One example's shape: (H, W, C) for images, (window, C) for series."""
+  if is_series(config):
+    return (config.data.window, config.data.channels)
+  return (config.data.image_size, config.data.image_size, config.data.channels)
+
+
+def to_json(config) -> str:
+  return config.to_json(indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(json.loads(text))
+
+
+def read_workdir_config(workdir) -> ml_collections.ConfigDict:
+  path = pathlib.Path(workdir) / 'config.json'
+  if not path.is_file():
+    raise FileNotFoundError(f'{path} not found: is {workdir} a ddpm_jax training workdir?')
+  return from_json(path.read_text())
+
+
+def checkpoint_differences(saved, current) -> list[str]:
+  """Fields that must agree between a workdir's saved config and the current one, where they differ."""
+  saved = json.loads(to_json(saved))
+  current = json.loads(to_json(current))
+  diffs = []
+  for section in CHECKPOINT_SECTIONS:
+    keys = sorted(set(saved.get(section, {})) | set(current.get(section, {})))
+    for key in keys:
+      a, b = saved.get(section, {}).get(key), current.get(section, {}).get(key)
+      if a != b:
+        diffs.append(f'{section}.{key}: {a!r} in the workdir, {b!r} now')
+  for key in CHECKPOINT_DATA_FIELDS:
+    a, b = saved.get('data', {}).get(key), current.get('data', {}).get(key)
+    if a != b and (key in ('image_size', 'channels') or current['data'].get('name') == SERIES):
+      diffs.append(f'data.{key}: {a!r} in the workdir, {b!r} now')
+  return diffs

@@ -1,0 +1,160 @@
+"""A jitted ``sample_fn`` over a trained network, and loading one from a training workdir."""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm_jax import config_lib, diffusion, sampling, sharding, train_state
+from ddpm_jax.checkpointing import Checkpointer
+from ddpm_jax.models import create_model
+
+
+def to_data_space(x, config, data_stats: Optional[dict] = None):
+  """Model space -> data space: images to [0, 1]; series back to their original units."""
+  if config_lib.is_series(config):
+    from ddpm_jax import timeseries
+    return timeseries.denormalize(x, data_stats)
+  return jnp.clip((x + 1.0) / 2.0, 0.0, 1.0)
+
+
+def check_labels(model, labels, num_samples: int) -> None:
+  if labels is None:
+    return
+  if not model.num_classes:
+    raise ValueError('labels were given but the model is unconditional (model.num_classes = 0)')
+  if tuple(jnp.shape(labels)) != (num_samples,):
+    raise ValueError(f'labels must have shape ({num_samples},), got {tuple(jnp.shape(labels))}')
+  values = diffusion.concrete_or_none(labels)
+  if values is not None and (values.min() < 0 or values.max() >= model.num_classes):
+    raise ValueError(f'labels must lie in [0, {model.num_classes - 1}], got range '
+                     f'[{values.min()}, {values.max()}]')
+
+
+def guided_model_fn(model, params, labels, guidance_scale: float):
+  """model_fn(x_t, t) with classifier-free guidance: out = null + w (cond - null)."""
+  apply = lambda x, t, y: train_state.model_apply(model, params, x, t, y)
+  if labels is None or not model.num_classes:
+    return lambda x, t: apply(x, t, None)
+  null = jnp.full_like(labels, model.num_classes)
+  if guidance_scale == 1.0:
+    return lambda x, t: apply(x, t, labels)
+  if guidance_scale == 0.0:
+    return lambda x, t: apply(x, t, null)
+
+  def model_fn(x, t):
+    both = apply(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                 jnp.concatenate([labels, null]))
+    cond, uncond = jnp.split(both, 2)
+    return uncond + guidance_scale * (cond - uncond)
+  return model_fn
+
+
+def make_sample_fn(model, config, data_stats: Optional[dict] = None):
+  """Returns a jitted ``sample_fn(params, key, num_samples, *, method=None, num_steps=None,
+  eta=None, labels=None, guidance_scale=None, return_trajectory=False, progress=None)``.
+
+  Unset options take ``config.sampling``'s values. The result is float samples in data space
+  [num_samples, *example_shape] (images in [0, 1], series in original units). With several
+  devices the samples are split across them. Composes with a caller's jax.jit and jax.vmap.
+  """
+  schedule = config_lib.schedule_from_config(config)
+  example_shape = config_lib.data_shape(config)
+  defaults = config.sampling
+
+  @functools.partial(jax.jit, static_argnames=('num_samples', 'method', 'num_steps', 'eta',
+                                               'guidance_scale', 'return_trajectory', 'progress'))
+  def sample_fn(params, key, num_samples: int, *, method: Optional[str] = None,
+                num_steps: Optional[int] = None, eta: Optional[float] = None, labels=None,
+                guidance_scale: Optional[float] = None, return_trajectory: bool = False,
+                progress=None):
+    method = method or defaults.method
+    if num_steps is None and method != 'ddpm':
+      num_steps = defaults.num_steps
+    check_labels(model, labels, num_samples)
+    scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
+    model_fn = guided_model_fn(model, params, labels, scale)
+    init_key, sample_key = jax.random.split(key)
+    shape = (num_samples,) + tuple(example_shape)
+    x_T = jax.random.normal(init_key, shape, jnp.float32)
+    if jax.device_count() > 1 and num_samples % jax.device_count() == 0:
+      x_T = jax.lax.with_sharding_constraint(x_T, sharding.batch_sharding(sharding.make_mesh()))
+    result = sampling.sample(
+        model_fn, schedule, sample_key, shape, method=method, num_steps=num_steps,
+        eta=defaults.eta if eta is None else eta, prediction=config.diffusion.target,
+        clip_x0=defaults.clip_x0 and not config_lib.is_series(config), x_T=x_T,
+        variance=defaults.variance, spacing=defaults.spacing, return_trajectory=return_trajectory,
+        progress=progress)
+    if return_trajectory:
+      x, (x_t, x0) = result
+      return (to_data_space(x, config, data_stats),
+              (to_data_space(x_t, config, data_stats), to_data_space(x0, config, data_stats)))
+    return to_data_space(result, config, data_stats)
+
+  return sample_fn
+
+
+def resolve_checkpoint(path) -> tuple[pathlib.Path, Optional[int]]:
+  """A workdir, its checkpoints folder or one step folder -> (workdir, step or None = newest)."""
+  path = pathlib.Path(path).expanduser()
+  if not path.exists():
+    raise FileNotFoundError(f'--ckpt {path} does not exist')
+  if path.name.isdigit() and path.parent.name == 'checkpoints':
+    return path.parent.parent, int(path.name)
+  if path.name == 'checkpoints':
+    return path.parent, None
+  return path, None
+
+
+def load_sampler(path, step: Optional[int] = None):
+  """Loads the EMA parameters of a training run and a jitted sample_fn for them.
+
+  ``path``: the workdir, ``<workdir>/checkpoints`` or one ``<workdir>/checkpoints/<step>``.
+  Returns ``(sample_fn, ema_params)``; ``sample_fn.config``, ``.model``, ``.step`` and
+  ``.data_stats`` describe what was loaded.
+  """
+  workdir, path_step = resolve_checkpoint(path)
+  config = config_lib.read_workdir_config(workdir)
+  model = create_model(config)
+  tx = train_state.make_optimizer(config.optim)
+  schedule = config_lib.schedule_from_config(config)
+  init = train_state.initial_state_fn(config, model, tx, schedule, config_lib.data_shape(config))
+  abstract = jax.eval_shape(init)
+  checkpointer = Checkpointer(workdir / 'checkpoints', read_only=True)
+  steps = checkpointer.all_steps()
+  wanted = step if step is not None else path_step
+  if not steps:
+    raise FileNotFoundError(f'{workdir / "checkpoints"} holds no complete checkpoint')
+  if wanted is not None and wanted not in steps:
+    raise FileNotFoundError(f'no complete checkpoint {wanted} in {workdir / "checkpoints"} '
+                            f'(complete: {steps})')
+  restored = checkpointer.restore(wanted if wanted is not None else steps[-1], abstract)
+  checkpointer.manager.close()
+  data_stats = restored.extras.get('data_stats')
+  jitted = make_sample_fn(model, config, data_stats)
+
+  def sample_fn(params, key, num_samples, **kwargs):
+    return jitted(params, key, num_samples, **kwargs)
+
+  sample_fn.config, sample_fn.model, sample_fn.step = config, model, restored.step
+  sample_fn.data_stats = data_stats
+  return sample_fn, restored.state.ema_params
+
+
+def sample_in_batches(sample_fn, params, key, num_samples: int, batch_size: int, **kwargs):
+  """Draws num_samples in batches of at most batch_size (numpy [num_samples, ...]); batch i
+  uses fold_in(key, i), so a run is reproducible for a fixed batch size."""
+  outputs = []
+  for i, start in enumerate(range(0, num_samples, batch_size)):
+    n = min(batch_size, num_samples - start)
+    labels = kwargs.get('labels')
+    call_kwargs = dict(kwargs)
+    if labels is not None:
+      call_kwargs['labels'] = jnp.asarray(labels)[start:start + n]
+    outputs.append(np.asarray(sample_fn(params, jax.random.fold_in(key, i), n, **call_kwargs)))
+  return np.concatenate(outputs)

@@ -1,0 +1,239 @@
+"""Random-access data sources and the grain pipeline that shuffles and batches them.
+
+Every source has ``len`` and ``get_batch(indices) -> {'x': float32 [n, ...] in model space,
+'label': int32 [n] (when it has labels)}``. Images are scaled from uint8 to [-1, 1]; series
+windows arrive normalised. One grain pipeline serves them all: a new permutation each epoch
+from the seed, global batches of indices, each process loading only its own rows, and an
+iterator state that is saved with every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Optional
+
+import grain
+import numpy as np
+
+from ddpm_jax import sharding
+
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
+BUILTIN = ('digits', 'synthetic', 'images', 'series')
+
+
+@dataclasses.dataclass
+class DataInfo:
+  """What the model and the sampler need to know about a dataset."""
+  shape: tuple  # one example: (H, W, C) or (window, C)
+  num_examples: int
+  num_classes: int = 0  # 0 when the data has no labels
+  stats: Optional[dict] = None  # series: per-channel normalisation, saved with checkpoints
+
+
+def images_to_model(images: np.ndarray) -> np.ndarray:
+  """uint8 [..., H, W, C] -> float32 in [-1, 1]."""
+  return images.astype(np.float32) / 127.5 - 1.0
+
+
+def model_to_uint8(x) -> np.ndarray:
+  """float in [-1, 1] -> uint8 [0, 255] (clipped, rounded)."""
+  return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+class ArraySource:
+  """uint8 images [N, H, W, C] held in memory, with optional int labels [N]."""
+
+  def __init__(self, images: np.ndarray, labels: Optional[np.ndarray] = None, name: str = 'array'):
+    images = np.asarray(images)
+    if images.ndim == 3:  # [N, H, W]: one channel
+      images = images[..., None]
+    if images.ndim != 4 or images.dtype != np.uint8:
+      raise ValueError(f'{name}: images must be uint8 [N, H, W, C], got {images.dtype} '
+                       f'{list(images.shape)}')
+    if images.shape[0] == 0:
+      raise ValueError(f'{name}: no images')
+    if labels is not None and len(labels) != len(images):
+      raise ValueError(f'{name}: {len(labels)} labels for {len(images)} images')
+    self.images = images
+    self.labels = None if labels is None else np.asarray(labels).astype(np.int32)
+
+  def __len__(self):
+    return len(self.images)
+
+  def get_batch(self, indices) -> dict:
+    batch = {'x': images_to_model(self.images[indices])}
+    if self.labels is not None:
+      batch['label'] = self.labels[indices]
+    return batch
+
+  def info(self) -> DataInfo:
+    num_classes = 0 if self.labels is None else int(self.labels.max()) + 1
+    return DataInfo(tuple(self.images.shape[1:]), len(self), num_classes)
+
+
+class FolderSource:
+  """A folder (searched recursively) of PNG/JPEG images of one size, decoded on access."""
+
+  def __init__(self, folder: pathlib.Path, channels: int):
+    from PIL import Image
+    self.files = sorted(p for p in folder.rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not self.files:
+      raise ValueError(f'no PNG or JPEG images in {folder}')
+    self.mode = {1: 'L', 3: 'RGB', 4: 'RGBA'}.get(channels)
+    if self.mode is None:
+      raise ValueError(f'data.channels={channels}: image folders take 1, 3 or 4 channels')
+    sizes = {}
+    for path in self.files:  # reads headers only
+      with Image.open(path) as image:
+        sizes.setdefault(image.size, path)
+      if len(sizes) > 1:
+        (a, pa), (b, pb) = list(sizes.items())[:2]
+        raise ValueError(f'images in {folder} differ in size: {pa.name} is {a[0]}x{a[1]}, '
+                         f'{pb.name} is {b[0]}x{b[1]}; resize them to one size')
+    self.width, self.height = next(iter(sizes))
+    self.channels = channels
+
+  def __len__(self):
+    return len(self.files)
+
+  def _load(self, path) -> np.ndarray:
+    from PIL import Image
+    with Image.open(path) as image:
+      array = np.asarray(image.convert(self.mode), np.uint8)
+    return array.reshape(self.height, self.width, self.channels)
+
+  def get_batch(self, indices) -> dict:
+    return {'x': images_to_model(np.stack([self._load(self.files[i]) for i in indices]))}
+
+  def info(self) -> DataInfo:
+    return DataInfo((self.height, self.width, self.channels), len(self))
+
+
+class TfdsSource:
+  """A prepared tensorflow-datasets image set read through ``tfds.data_source`` (no TensorFlow)."""
+
+  def __init__(self, name: str, split: str, data_dir: str = '', try_gcs: bool = False):
+    import tensorflow_datasets as tfds
+    data_dir = data_dir or None
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.DatasetNotFoundError:
+      raise ValueError(f'unknown dataset {name!r}: neither one of {", ".join(BUILTIN)} nor a '
+                       f'tensorflow-datasets name (see tfds.list_builders())') from None
+    try:
+      # download=False: offline, tfds's own download retries DNS for minutes before failing.
+      self.source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                                     try_gcs=try_gcs)
+    except Exception as error:  # tfds raises several types here, some misleading
+      if builder.is_prepared():
+        raise ValueError(f'tfds dataset {name!r} in {builder.data_dir} cannot be read through '
+                         f'tfds.data_source ({type(error).__name__}: {error}); prepare it with '
+                         f'file_format="array_record"') from None
+      raise ValueError(
+          f'tfds dataset {name!r} is not prepared in {builder.data_dir}; prepare it once where '
+          f'there is network: python -c "import tensorflow_datasets as tfds; '
+          f"tfds.builder('{name}'"
+          f"{'' if data_dir is None else f', data_dir={data_dir!r}'})"
+          f'.download_and_prepare(file_format=\'array_record\')"') from None
+    self.name = name
+    features = builder.info.features
+    self.num_classes = getattr(features['label'], 'num_classes', 0) if 'label' in features else 0
+    first = self.source[0]
+    if 'image' not in first:
+      raise ValueError(f'tfds dataset {name!r} has no "image" feature (has {sorted(first)})')
+    self.shape = tuple(np.asarray(first['image']).shape)
+
+  def __len__(self):
+    return len(self.source)
+
+  def get_batch(self, indices) -> dict:
+    records = [self.source[int(i)] for i in indices]
+    batch = {'x': images_to_model(np.stack([np.asarray(r['image'], np.uint8) for r in records]))}
+    if self.num_classes:
+      batch['label'] = np.asarray([r['label'] for r in records], np.int32)
+    return batch
+
+  def info(self) -> DataInfo:
+    return DataInfo(self.shape, len(self), self.num_classes)
+
+
+def digits_source() -> ArraySource:
+  """scikit-learn's bundled 8x8 handwritten digits (1,797 images, values 0..16): no download."""
+  from sklearn.datasets import load_digits
+  digits = load_digits()
+  images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  return ArraySource(images, digits.target, name='digits')
+
+
+def synthetic_source(num_examples: int, image_size: int, channels: int, seed: int = 0):
+  """Random uint8 images of the configured shape, for benchmarks and tests."""
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (num_examples, image_size, image_size, channels), dtype=np.uint8)
+  return ArraySource(images, rng.integers(0, 10, num_examples), name='synthetic')
+
+
+def array_file_source(path: pathlib.Path) -> ArraySource:
+  """A .npy array of uint8 images, or a .npz with images under 'images' / 'x' / 'arr_0' and
+  optional 'labels' / 'y'."""
+  if path.suffix == '.npy':
+    return ArraySource(np.load(path), name=str(path))
+  with np.load(path) as archive:
+    image_key = next((k for k in ('images', 'image', 'x', 'arr_0') if k in archive), None)
+    if image_key is None:
+      raise ValueError(f'{path} holds {sorted(archive)}; put the images under "images"')
+    label_key = next((k for k in ('labels', 'label', 'y') if k in archive), None)
+    return ArraySource(archive[image_key], None if label_key is None else archive[label_key],
+                       name=str(path))
+
+
+def create_source(data_config, seed: int = 0):
+  """The source ``config.data`` names. Bad names or paths raise a one-line ValueError or
+  FileNotFoundError before anything is compiled."""
+  name = data_config.name
+  if name == 'digits':
+    return digits_source()
+  if name == 'synthetic':
+    return synthetic_source(data_config.num_examples, data_config.image_size,
+                            data_config.channels, seed)
+  if name in ('images', 'series'):
+    if not data_config.path:
+      raise ValueError(f'data.name={name!r} needs --config.data.path=...')
+    path = pathlib.Path(data_config.path).expanduser()
+    if not path.exists():
+      raise FileNotFoundError(f'data.path {path} does not exist')
+    if name == 'series':
+      from ddpm_jax import timeseries
+      return timeseries.series_source(path, data_config)
+    if path.is_dir():
+      return FolderSource(path, data_config.channels)
+    if path.suffix in ('.npy', '.npz'):
+      return array_file_source(path)
+    raise ValueError(f'data.path {path} is neither a folder of images nor a .npy/.npz array')
+  return TfdsSource(name, data_config.split, data_config.data_dir, data_config.try_gcs)
+
+
+class _LoadRows:
+  """Maps a global batch of indices to this process's rows, loaded."""
+
+  def __init__(self, source, rows: slice):
+    self.source, self.rows = source, rows
+
+  def __call__(self, indices):
+    return self.source.get_batch(np.asarray(indices)[self.rows])
+
+
+def make_iterator(source, global_batch_size: int, seed: int) -> grain.DatasetIterator:
+  """An endless iterator of this process's share of each global batch (a dict of numpy arrays).
+
+  Shuffled by grain with a new permutation each epoch; ``get_state()`` / ``set_state()`` resume
+  it exactly. Every process draws the same global batch of indices and loads only its rows, so
+  the batches do not depend on how many processes share them.
+  """
+  if len(source) < global_batch_size:
+    raise ValueError(f'the dataset has {len(source)} examples, fewer than one batch of '
+                     f'{global_batch_size}; lower training.batch_size')
+  dataset = (grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None)
+             .batch(global_batch_size, drop_remainder=True)
+             .map(_LoadRows(source, sharding.process_rows(global_batch_size))))
+  return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))

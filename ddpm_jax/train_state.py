@@ -1,0 +1,132 @@
+"""The train state, the optimiser, and the jitted data-parallel train step."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from ddpm_jax import losses
+from ddpm_jax import schedules as schedules_lib
+
+# Random draws for the global batch do not depend on how it is sharded.
+jax.config.update('jax_threefry_partitionable', True)
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array  # int32 scalar: updates applied or skipped so far
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  key: jax.Array  # typed PRNG key; step s uses fold_in(key, s)
+  nonfinite_total: jax.Array  # int32: updates skipped for a non-finite loss or gradient
+  nonfinite_streak: jax.Array  # int32: of them, how many in a row up to now
+  loss_history: Any = None  # losses.LossHistory for importance sampling of t
+
+
+def make_optimizer(optim) -> optax.GradientTransformation:
+  """Clip by global norm, then Adam with a linear warm-up to a constant rate (DDPM's recipe)."""
+  learning_rate = optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps) \
+      if optim.warmup_steps > 0 else optim.learning_rate
+  return optax.chain(optax.clip_by_global_norm(optim.grad_clip),
+                     optax.adam(learning_rate, b1=optim.b1, b2=optim.b2, eps=optim.eps))
+
+
+def model_apply(model, params, x_t, t, labels=None, train=False, dropout_key=None):
+  """The network's output for x_t [B, ...] at t [B]."""
+  rngs = {'dropout': dropout_key} if dropout_key is not None else None
+  return model.apply({'params': params}, x_t, t, labels, train=train, rngs=rngs)
+
+
+def create_train_state(model, tx, key, example_shape, loss_history=None) -> TrainState:
+  """Initialises parameters from ``key`` for examples of ``example_shape`` ((H, W, C) or (L, C))."""
+  init_key, state_key = jax.random.split(key)
+  x = jnp.zeros((1,) + tuple(example_shape), jnp.float32)
+  labels = jnp.zeros((1,), jnp.int32) if model.num_classes else None
+  params = model.init(init_key, x, jnp.zeros((1,), jnp.int32), labels)['params']
+  zero = jnp.zeros((), jnp.int32)
+  return TrainState(step=zero, params=params, ema_params=params, opt_state=tx.init(params),
+                    key=state_key, nonfinite_total=zero, nonfinite_streak=zero,
+                    loss_history=loss_history)
+
+
+def initial_state_fn(config, model, tx, schedule, example_shape):
+  """A function of no arguments that builds the initial state; for jit or ``jax.eval_shape``."""
+  loss_history = None
+  if config.diffusion.timestep_sampling == 'importance':
+    if schedules_lib.is_continuous(schedule):
+      raise ValueError("diffusion.timestep_sampling='importance' needs a discrete schedule")
+    loss_history = losses.init_loss_history(schedule.num_timesteps)
+  elif config.diffusion.timestep_sampling != 'uniform':
+    raise ValueError(f'unknown diffusion.timestep_sampling '
+                     f'{config.diffusion.timestep_sampling!r}; choose one of '
+                     f'{", ".join(losses.TIMESTEP_SAMPLINGS)}')
+  key = jax.random.key(config.training.seed)
+  return lambda: create_train_state(model, tx, key, example_shape, loss_history)
+
+
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def train_step(state: TrainState, batch: dict, *, model, tx, schedule, target: str,
+               weighting: str, min_snr_gamma: float, ema_decay: float, random_flip: bool,
+               label_dropout: float):
+  """One update from a global batch {'x': [B, ...], 'label': [B]}; returns (state, metrics).
+
+  A non-finite loss or gradient leaves params, optimiser state and EMA unchanged and is counted.
+  """
+  step_key = jax.random.fold_in(state.key, state.step)
+  flip_key, label_key, loss_key = jax.random.split(step_key, 3)
+  x0 = batch['x']
+  if random_flip:
+    flip = jax.random.bernoulli(flip_key, 0.5, (x0.shape[0],) + (1,) * (x0.ndim - 1))
+    x0 = jnp.where(flip, jnp.flip(x0, axis=2), x0)  # [B, H, W, C]: flip W
+  labels = None
+  if model.num_classes:
+    drop = jax.random.bernoulli(label_key, label_dropout, batch['label'].shape)
+    labels = jnp.where(drop, model.num_classes, batch['label'])  # the null label
+
+  def loss_fn(params):
+    apply_fn = lambda p, x_t, t, key: model_apply(model, p, x_t, t, labels, True, key)
+    return losses.diffusion_loss(apply_fn, params, x0, loss_key, schedule, target=target,
+                                 weighting=weighting, min_snr_gamma=min_snr_gamma,
+                                 loss_history=state.loss_history)
+
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema_params,
+                            params)
+  loss_history = state.loss_history
+  if loss_history is not None:
+    loss_history = losses.update_loss_history(loss_history, aux['t'], aux['per_example'])
+  finite = jnp.isfinite(loss) & _all_finite(grads)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  state = state.replace(
+      step=state.step + 1,
+      params=keep(params, state.params),
+      ema_params=keep(ema_params, state.ema_params),
+      opt_state=keep(opt_state, state.opt_state),
+      loss_history=keep(loss_history, state.loss_history),
+      nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+      nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+  )
+  metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), 'finite': finite}
+  return state, metrics
+
+
+def make_train_step(config, model, tx, schedule, state_sharding, batch_sharding,
+                    metrics_sharding):
+  """``train_step`` jitted over the mesh: batch sharded, state replicated and donated."""
+  step = functools.partial(
+      train_step, model=model, tx=tx, schedule=schedule, target=config.diffusion.target,
+      weighting=config.diffusion.weighting, min_snr_gamma=config.diffusion.min_snr_gamma,
+      ema_decay=config.optim.ema_decay, random_flip=config.data.random_flip,
+      label_dropout=config.training.label_dropout)
+  return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
+                 out_shardings=(state_sharding, metrics_sharding), donate_argnums=0)

@@ -1,0 +1,27 @@
+"""Trains a diffusion model: python train.py --config=configs/digits.py --workdir=runs/digits
+
+Overrides: --config.training.batch_size=64 (any field). Rerunning with the same --workdir
+resumes from its newest complete checkpoint.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
+                                lock_config=True)
+flags.DEFINE_string('workdir', '', 'Folder for checkpoints, samples, metrics and config.json.')
+flags.mark_flags_as_required(['config'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  from absl import logging
+  if not flags.FLAGS['verbosity'].present:  # orbax logs every save at INFO
+    logging.set_verbosity(logging.WARNING)
+  from ddpm_jax import cli, trainer
+  cli.run('train.py', lambda: trainer.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir))
+
+
+if __name__ == '__main__':
+  app.run(main)
