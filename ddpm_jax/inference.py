@@ -56,11 +56,12 @@ def guided_model_fn(model, params, labels, guidance_scale: float):
 
 
 def make_sample_fn(model, config, data_stats: Optional[dict] = None):
-  """Returns a jitted ``sample_fn(params, key, num_samples, *, method=None, num_steps=None,
+  """Returns ``sample_fn(params, key, num_samples, *, method=None, num_steps=None,
   eta=None, labels=None, guidance_scale=None, return_trajectory=False, progress=None)``.
 
   Unset options take ``config.sampling``'s values. The result is float samples in data space
-  [num_samples, *example_shape] (images in [0, 1], series in original units). With several
+  [num_samples, *example_shape] (images in [0, 1], series in original units), computed by one
+  jitted function (compiled once per static option set). With several
   devices the samples are split across them. Composes with a caller's jax.jit and jax.vmap.
   """
   schedule = config_lib.schedule_from_config(config)
@@ -69,14 +70,8 @@ def make_sample_fn(model, config, data_stats: Optional[dict] = None):
 
   @functools.partial(jax.jit, static_argnames=('num_samples', 'method', 'num_steps', 'eta',
                                                'guidance_scale', 'return_trajectory', 'progress'))
-  def sample_fn(params, key, num_samples: int, *, method: Optional[str] = None,
-                num_steps: Optional[int] = None, eta: Optional[float] = None, labels=None,
-                guidance_scale: Optional[float] = None, return_trajectory: bool = False,
-                progress=None):
-    method = method or defaults.method
-    if num_steps is None and method != 'ddpm':
-      num_steps = defaults.num_steps
-    check_labels(model, labels, num_samples)
+  def jitted(params, key, num_samples, *, method, num_steps, eta, labels, guidance_scale,
+             return_trajectory, progress):
     scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
     model_fn = guided_model_fn(model, params, labels, scale)
     init_key, sample_key = jax.random.split(key)
@@ -95,6 +90,20 @@ def make_sample_fn(model, config, data_stats: Optional[dict] = None):
       return (to_data_space(x, config, data_stats),
               (to_data_space(x_t, config, data_stats), to_data_space(x0, config, data_stats)))
     return to_data_space(result, config, data_stats)
+
+  def sample_fn(params, key, num_samples: int, *, method: Optional[str] = None,
+                num_steps: Optional[int] = None, eta: Optional[float] = None, labels=None,
+                guidance_scale: Optional[float] = None, return_trajectory: bool = False,
+                progress=None):
+    method = method or defaults.method
+    if num_steps is None and method != 'ddpm':
+      num_steps = defaults.num_steps
+    # Checked here, where labels are still concrete, unless the caller's own jit traces them.
+    check_labels(model, labels, num_samples)
+    sampling.check_method(method, schedule, num_steps)
+    return jitted(params, key, num_samples, method=method, num_steps=num_steps, eta=eta,
+                  labels=labels, guidance_scale=guidance_scale,
+                  return_trajectory=return_trajectory, progress=progress)
 
   return sample_fn
 
@@ -136,11 +145,7 @@ def load_sampler(path, step: Optional[int] = None):
   restored = checkpointer.restore(wanted if wanted is not None else steps[-1], abstract)
   checkpointer.manager.close()
   data_stats = restored.extras.get('data_stats')
-  jitted = make_sample_fn(model, config, data_stats)
-
-  def sample_fn(params, key, num_samples, **kwargs):
-    return jitted(params, key, num_samples, **kwargs)
-
+  sample_fn = make_sample_fn(model, config, data_stats)
   sample_fn.config, sample_fn.model, sample_fn.step = config, model, restored.step
   sample_fn.data_stats = data_stats
   return sample_fn, restored.state.ema_params

@@ -116,7 +116,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, target: s
       nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
       nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
   )
-  metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), 'finite': finite}
+  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'finite': finite}
   return state, metrics
 
 

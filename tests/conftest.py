@@ -16,3 +16,10 @@ def shared_data():
   if not SHARED_DATA.is_dir():
     pytest.skip(f'{SHARED_DATA} is absent')
   return SHARED_DATA
+
+# Many tests compile the same tiny networks, in this process and in the subprocesses they start:
+# a persistent compilation cache (inherited through the environment) compiles each once.
+_CACHE = pathlib.Path(os.environ.get('PYTEST_JAX_CACHE', '/tmp/ddpm_jax_test_jax_cache'))
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', str(_CACHE))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')

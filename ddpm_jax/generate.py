@@ -1,0 +1,137 @@
+"""What ``sample.py`` does: load a run, draw samples in batches with a progress bar, write files."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm_jax import config_lib, images, inference, sampling
+
+
+class StepProgress:
+  """Counts reverse steps reported from the device (a tqdm bar on a terminal, lines elsewhere).
+
+  The same object serves every batch, so the jitted sampler is compiled once.
+  """
+
+  def __init__(self, total: int):
+    self.total, self.done, self.start = total, 0, time.time()
+    self.bar = None
+    self.next_report = 0.1
+    if sys.stderr.isatty():
+      from tqdm import tqdm
+      self.bar = tqdm(total=total, unit='step', dynamic_ncols=True)
+
+  def __call__(self, step_index) -> None:
+    del step_index
+    self.done += 1
+    if self.bar is not None:
+      self.bar.update(1)
+    elif self.done / self.total >= self.next_report:
+      elapsed = time.time() - self.start
+      eta = elapsed / self.done * (self.total - self.done)
+      print(f'sampling: {self.done}/{self.total} steps, {self.done / elapsed:.1f} steps/s, '
+            f'ETA {eta:.0f} s', flush=True)
+      self.next_report += 0.1
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.close()
+
+
+def parse_labels(text: str, num_samples: int) -> Optional[np.ndarray]:
+  """'' -> None; '3' -> all 3; '0,1,2' -> cycled over the samples."""
+  if not text:
+    return None
+  try:
+    values = [int(v) for v in text.split(',')]
+  except ValueError:
+    raise ValueError(f'--labels takes integers separated by commas, got {text!r}') from None
+  return np.resize(np.asarray(values, np.int32), num_samples)
+
+
+def trajectory_strip(x_t: np.ndarray, x0: np.ndarray, columns: int = 10) -> np.ndarray:
+  """uint8 strip: for each sample, x_t (upper row) and predicted x0 (lower row) at ``columns``
+  evenly spaced reverse steps. Inputs [steps, N, H, W, C] in [0, 1]."""
+  picks = np.unique(np.linspace(0, x_t.shape[0] - 1, columns).round().astype(int))
+  rows = []
+  for n in range(x_t.shape[1]):
+    rows.append(x_t[picks, n])
+    rows.append(x0[picks, n])
+  tiles = np.round(np.clip(np.concatenate(rows), 0, 1) * 255).astype(np.uint8)
+  return images.make_grid(tiles, columns=len(picks))
+
+
+def generate(ckpt: str, out: str, *, num_samples: int = 64, method: str = '',
+             num_steps: int = 0, eta: float = -1.0, seed: int = 0, batch_size: int = 0,
+             png_dir: str = '', trajectory: bool = False, labels: str = '',
+             guidance_scale: float = -1.0, evaluate: bool = False) -> pathlib.Path:
+  """Draws samples from the checkpoint at ``ckpt`` and writes them to ``out``.
+
+  Images: grid.png and samples.npz (uint8 [N, H, W, C] under arr_0); series: samples.npy,
+  samples.csv and windows.png. Unset options (empty, 0 or negative) take the run's
+  config.sampling values.
+  """
+  if num_samples < 1:
+    raise ValueError(f'--num_samples must be at least 1, got {num_samples}')
+  sample_fn, params = inference.load_sampler(ckpt)
+  config = sample_fn.config
+  method = method or config.sampling.method
+  schedule = config_lib.schedule_from_config(config)
+  steps = sampling.check_method(method, schedule, (num_steps or config.sampling.num_steps)
+                                if method != 'ddpm' else (num_steps or None))
+  label_array = parse_labels(labels, num_samples)
+  inference.check_labels(sample_fn.model, label_array, num_samples)
+  batch_size = min(batch_size or config.sampling.batch_size, num_samples)
+  kwargs = dict(method=method, num_steps=None if method == 'ddpm' else steps,
+                eta=None if eta < 0 else eta,
+                guidance_scale=None if guidance_scale < 0 else guidance_scale)
+  if label_array is not None:
+    kwargs['labels'] = label_array
+  out = pathlib.Path(out).expanduser()
+  out.mkdir(parents=True, exist_ok=True)
+  num_batches = -(-num_samples // batch_size)
+  progress = StepProgress(num_batches * steps)
+  start = time.time()
+  try:
+    samples = inference.sample_in_batches(sample_fn, params, jax.random.key(seed), num_samples,
+                                          batch_size, progress=progress, **kwargs)
+  finally:
+    progress.close()
+  elapsed = time.time() - start
+  print(f'{num_samples} samples from checkpoint {sample_fn.step} with {method} '
+        f'({steps} steps) in {elapsed:.1f} s, compilation included')
+
+  if config_lib.is_series(config):
+    from ddpm_jax import timeseries
+    timeseries.write_series_outputs(samples, config, sample_fn.data_stats, out, evaluate)
+  else:
+    uint8 = np.round(samples * 255).astype(np.uint8)
+    np.savez(out / 'samples.npz', uint8)
+    images.save_grid(uint8[:256], out / 'grid.png')
+    if png_dir:
+      folder = pathlib.Path(png_dir).expanduser()
+      for i, image in enumerate(uint8):
+        images.save_png(image, folder / f'{i:06d}.png')
+  if trajectory:
+    count = min(8, num_samples)
+    traj_kwargs = dict(kwargs)
+    if label_array is not None:
+      traj_kwargs['labels'] = jnp.asarray(label_array[:count])
+    _, (x_t, x0) = sample_fn(params, jax.random.key(seed), count, return_trajectory=True,
+                             **traj_kwargs)
+    if config_lib.is_series(config):
+      print('--trajectory draws image strips only; skipped for a time-series run')
+    else:
+      images.save_png(trajectory_strip(np.asarray(x_t), np.asarray(x0)), out / 'trajectory.png',
+                      scale=max(1, 64 // x_t.shape[2]))
+  (out / 'timing.txt').write_text(f'{method} {steps} steps {num_samples} samples '
+                                  f'{elapsed:.2f} s\n')
+  print(f'wrote {out}')
+  return out

@@ -1,0 +1,50 @@
+"""Draws samples from a training run.
+
+  python sample.py --ckpt=runs/digits --num_samples=64 --method=ddim --num_steps=50 --out=out/
+
+Writes grid.png and samples.npz (uint8 [N, H, W, C] under arr_0) for images; samples.npy,
+samples.csv and windows.png for time series.
+"""
+
+from absl import app, flags
+
+flags.DEFINE_string('ckpt', None, 'A training workdir, its checkpoints/ or one checkpoints/<step>.')
+flags.DEFINE_string('out', '', 'Output folder (default: <workdir>/generated/<method>).')
+flags.DEFINE_integer('num_samples', 64, 'How many samples.')
+flags.DEFINE_string('method', '', 'ddpm | ddim | dpm_solver++ | euler_maruyama | ode '
+                    '(default: the config\'s sampling.method).')
+flags.DEFINE_integer('num_steps', 0, 'Reverse steps (default: the config\'s; ddpm takes all T).')
+flags.DEFINE_float('eta', -1.0, 'DDIM eta in [0, 1] (default: the config\'s).')
+flags.DEFINE_integer('seed', 0, 'Random seed; the same seed reproduces the same samples.')
+flags.DEFINE_integer('batch_size', 0, 'Samples per device call (default: sampling.batch_size).')
+flags.DEFINE_string('png_dir', '', 'Also write one PNG per sample here.')
+flags.DEFINE_bool('trajectory', False, 'Also write trajectory.png: x_t and predicted x0 along '
+                  'the reverse process.')
+flags.DEFINE_string('labels', '', 'Class labels for a class-conditional model: "3" or "0,1,2".')
+flags.DEFINE_float('guidance_scale', -1.0, 'Classifier-free guidance w: 1 conditional, 0 '
+                   'unconditional, >1 guided (default: the config\'s).')
+flags.DEFINE_bool('eval', False, 'Time series: also compute metrics against real windows.')
+flags.mark_flags_as_required(['ckpt'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  from absl import logging
+  if not flags.FLAGS['verbosity'].present:  # orbax logs every restore at INFO
+    logging.set_verbosity(logging.WARNING)
+  from ddpm_jax import cli, generate, inference
+  f = flags.FLAGS
+
+  def run():
+    out = f.out or str(inference.resolve_checkpoint(f.ckpt)[0] / 'generated' /
+                       (f.method or 'default'))
+    generate.generate(f.ckpt, out, num_samples=f.num_samples, method=f.method,
+                      num_steps=f.num_steps, eta=f.eta, seed=f.seed, batch_size=f.batch_size,
+                      png_dir=f.png_dir, trajectory=f.trajectory, labels=f.labels,
+                      guidance_scale=f.guidance_scale, evaluate=f.eval)
+  cli.run('sample.py', run)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,187 @@
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax import inference, schedules, train_state, trainer
+from ddpm_jax.models import create_model
+from tests.helpers import REPO_ROOT, error_lines, run_script, tiny_config
+
+
+def _params_close(a, b, rtol):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=rtol * 1e-2)
+
+
+def test_end_to_end_tfds_mock_then_restore(tmp_path):
+  import tensorflow_datasets as tfds
+  config = tiny_config(name='cifar10', random_flip=True)
+  config.model.num_classes = 10
+  with tfds.testing.mock_data(num_examples=16):
+    state = trainer.train_and_evaluate(config, tmp_path)
+  assert int(state.step) == 4
+  saved = json.loads((tmp_path / 'config.json').read_text())
+  assert saved['data']['image_size'] == 32 and saved['data']['channels'] == 3
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['2', '4']
+  assert (tmp_path / 'samples' / 'step_0000004.png').is_file()
+  assert (tmp_path / 'loss.png').is_file()
+  records = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in records if 'loss' in r] == [2, 4]
+  assert all(np.isfinite(r['loss']) for r in records if 'loss' in r)
+  sample_fn, params = inference.load_sampler(tmp_path)
+  assert sample_fn.step == 4
+  _params_close(params, state.ema_params, 0)
+  samples = sample_fn(params, jax.random.key(0), 2, labels=jnp.array([1, 2]))
+  assert samples.shape == (2, 32, 32, 3) and 0 <= samples.min() and samples.max() <= 1
+
+
+def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
+  path = tmp_path / 'digits.npz'
+  rng = np.random.default_rng(0)
+  np.savez(path, images=rng.integers(0, 255, (20, 8, 8, 1), dtype=np.uint8))
+  config = tiny_config(name='images', path=str(path))
+  config.training.num_steps = 6
+  straight = trainer.train_and_evaluate(config, tmp_path / 'straight')
+  config.training.num_steps = 3
+  trainer.train_and_evaluate(config, tmp_path / 'resumed')
+  # As if killed during step 3: only checkpoint 2 is complete.
+  import shutil
+  shutil.rmtree(tmp_path / 'resumed' / 'checkpoints' / '3')
+  config.training.num_steps = 6
+  resumed = trainer.train_and_evaluate(config, tmp_path / 'resumed')
+  _params_close(resumed.params, straight.params, 1e-6)
+  _params_close(resumed.ema_params, straight.ema_params, 1e-6)
+
+
+def test_nonfinite_updates_are_skipped_and_counted():
+  config = tiny_config()
+  model = create_model(_with_channels(config))
+  tx = train_state.make_optimizer(config.optim)
+  schedule = schedules.linear(100, 1e-4, 0.2)
+  state = train_state.initial_state_fn(config, model, tx, schedule, (8, 8, 1))()
+  step = jax.jit(lambda s, b: train_state.train_step(
+      s, b, model=model, tx=tx, schedule=schedule, target='eps', weighting='simple',
+      min_snr_gamma=5.0, ema_decay=0.9, random_flip=False, label_dropout=0.0))
+  good = {'x': jnp.zeros((4, 8, 8, 1))}
+  bad = {'x': jnp.full((4, 8, 8, 1), jnp.nan)}
+  state, metrics = step(state, good)
+  assert bool(metrics['finite'])
+  before = state
+  state, metrics = step(state, bad)
+  assert not bool(metrics['finite'])
+  for field in ('params', 'ema_params', 'opt_state'):
+    _params_close(getattr(state, field), getattr(before, field), 0)
+  assert int(state.step) == 2 and int(state.nonfinite_total) == 1
+  assert int(state.nonfinite_streak) == 1
+  state, _ = step(state, bad)
+  assert int(state.nonfinite_streak) == 2
+  state, _ = step(state, good)
+  assert int(state.nonfinite_streak) == 0 and int(state.nonfinite_total) == 2
+
+
+def _with_channels(config):
+  config.data.image_size, config.data.channels = 8, 1
+  return config
+
+
+def test_diverging_run_stops_naming_the_steps_and_keeps_its_checkpoint(tmp_path):
+  path = tmp_path / 'd.npz'
+  np.savez(path, images=np.random.default_rng(0).integers(0, 255, (16, 8, 8, 1), dtype=np.uint8))
+  config = tiny_config(name='images', path=str(path))
+  config.optim.learning_rate = 1e30
+  config.optim.warmup_steps = 0
+  config.optim.grad_clip = 1e30
+  config.training.num_steps = 30
+  config.training.log_every = 1
+  config.training.checkpoint_every = 1
+  config.training.max_nonfinite_steps = 3
+  with pytest.raises(trainer.TrainingError, match=r'3 updates in a row .*steps (\d+)\.\.(\d+).*'
+                                                   r'Checkpoint \d+ is intact'):
+    trainer.train_and_evaluate(config, tmp_path / 'run')
+  sample_fn, params = inference.load_sampler(tmp_path / 'run')  # what was saved still restores
+  assert sample_fn.step >= 1
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
+  path = tmp_path / 'd.npz'
+  np.savez(path, images=np.random.default_rng(0).integers(0, 255, (16, 8, 8, 1), dtype=np.uint8))
+  config = tiny_config(name='images', path=str(path))
+  trainer.train_and_evaluate(config, tmp_path / 'run')
+  state_dir = tmp_path / 'run' / 'checkpoints' / '4' / 'state'
+  for f in state_dir.rglob('*'):
+    if f.is_file() and f.stat().st_size > 0 and 'metadata' not in f.name.lower():
+      f.write_bytes(b'\0' * f.stat().st_size)  # damage every data file
+  config.training.num_steps = 6
+  state = trainer.train_and_evaluate(config, tmp_path / 'run')
+  out = capsys.readouterr().out
+  assert 'checkpoint 4 does not restore' in out and 'resuming' in out and 'checkpoint 2' in out
+  assert int(state.step) == 6
+  assert (tmp_path / 'run' / 'checkpoints' / '4.damaged').is_dir()
+
+
+DEVICE_RUN = textwrap.dedent('''
+    import sys, numpy as np, jax
+    sys.path.insert(0, {root!r})
+    from tests.helpers import tiny_config
+    from ddpm_jax import trainer
+    assert jax.device_count() == {devices}, jax.devices()
+    config = tiny_config(name='digits')
+    config.model.dropout = 0.3
+    config.data.random_flip = True
+    config.training.num_steps = 3
+    config.training.sample_every = 100
+    state = trainer.train_and_evaluate(config, {workdir!r})
+    leaves = jax.tree.leaves(state.params)
+    np.savez({out!r}, *[np.asarray(x) for x in leaves])
+''')
+
+
+def _run_on_devices(devices, tmp_path):
+  out = tmp_path / f'params_{devices}.npz'
+  code = DEVICE_RUN.format(root=str(REPO_ROOT), devices=devices, workdir=str(tmp_path / str(devices)),
+                           out=str(out))
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  result = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with np.load(out) as f:
+    return [f[k] for k in sorted(f, key=lambda k: int(k.split('_')[1]))]
+
+
+def test_one_and_four_devices_give_the_same_parameters(tmp_path):
+  one, four = _run_on_devices(1, tmp_path), _run_on_devices(4, tmp_path)
+  for a, b in zip(one, four):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_batch_that_devices_cannot_split_fails_before_compiling(tmp_path):
+  result = run_script('train.py', '--config=configs/digits.py', f'--workdir={tmp_path}',
+                      '--config.training.batch_size=6',
+                      env={'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
+  assert result.returncode == 1
+  assert 'train.py: error: training.batch_size=6 cannot be split over 4 devices; use a multiple ' \
+         'of 4 (e.g. 4)' in error_lines(result)
+
+
+@pytest.mark.parametrize('args,message', [
+    ([], 'train.py: error: --workdir is required'),
+    (['--config.data.name=no_such_set'], "train.py: error: unknown dataset 'no_such_set'"),
+    (['--config.data.name=images', '--config.data.path=/no/such/dir'],
+     'train.py: error: data.path /no/such/dir does not exist'),
+    (['--config.model.ch_mult=(1,2,2,2,2)'], 'train.py: error: input spatial size (8, 8) is not '
+                                             'divisible by 16'),
+])
+def test_bad_input_gives_one_line(tmp_path, args, message):
+  workdir = [] if not args else [f'--workdir={tmp_path}']
+  result = run_script('train.py', '--config=configs/digits.py', *workdir, *args)
+  assert result.returncode == 1
+  lines = error_lines(result)
+  assert len(lines) == 1 and lines[0].startswith(message), result.stderr[-2000:]
