@@ -1,7 +1,38 @@
-"""ddpm_jax: denoising diffusion probabilistic models in JAX and Flax."""
+"""ddpm_jax: denoising diffusion probabilistic models in JAX and Flax.
 
-from ddpm_jax import schedules
-from ddpm_jax.diffusion import convert_prediction, q_posterior, q_sample
-from ddpm_jax.losses import diffusion_loss
+Public names: ``schedules`` (linear, cosine, from_betas, vp_linear, vp_cosine), ``sampling``,
+``q_sample``, ``q_posterior``, ``convert_prediction``, ``diffusion_loss``, ``load_sampler``,
+``make_sample_fn`` and ``LazyWindows``. They are imported on first use, so that
+``import ddpm_jax.timeseries`` (say) does not pull in Flax and orbax.
+"""
+
+import importlib
 
 __version__ = '0.1.0'
+
+_NAMES = {
+    'schedules': ('ddpm_jax.schedules', None),
+    'sampling': ('ddpm_jax.sampling', None),
+    'q_sample': ('ddpm_jax.diffusion', 'q_sample'),
+    'q_posterior': ('ddpm_jax.diffusion', 'q_posterior'),
+    'convert_prediction': ('ddpm_jax.diffusion', 'convert_prediction'),
+    'diffusion_loss': ('ddpm_jax.losses', 'diffusion_loss'),
+    'load_sampler': ('ddpm_jax.inference', 'load_sampler'),
+    'make_sample_fn': ('ddpm_jax.inference', 'make_sample_fn'),
+    'LazyWindows': ('ddpm_jax.timeseries', 'LazyWindows'),
+}
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name):
+  if name not in _NAMES:
+    raise AttributeError(f'module ddpm_jax has no attribute {name!r}')
+  module_name, attribute = _NAMES[name]
+  module = importlib.import_module(module_name)
+  value = module if attribute is None else getattr(module, attribute)
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return __all__

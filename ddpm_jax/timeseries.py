@@ -151,12 +151,21 @@ def fit_normalization(train_part: np.ndarray, method: str, names: Sequence[str])
                    f'{", ".join(NORMALIZATIONS)}')
 
 
-def normalize(x, stats: dict):
-  """Original units -> model space (z-scores, or [-1, 1] for minmax); numpy or jax arrays."""
+def normalize(x: np.ndarray, stats: dict) -> np.ndarray:
+  """Original units -> model space (z-scores, or [-1, 1] for minmax) as a new float32 array.
+
+  Works on one copy in place, so a long series is never held more than twice.
+  """
+  out = np.array(x, np.float32)
   if stats['method'] == 'zscore':
-    return (x - np.asarray(stats['mean'], np.float32)) / np.asarray(stats['std'], np.float32)
-  low, high = np.asarray(stats['min'], np.float32), np.asarray(stats['max'], np.float32)
-  return 2.0 * (x - low) / (high - low) - 1.0
+    out -= np.asarray(stats['mean'], np.float32)
+    out /= np.asarray(stats['std'], np.float32)
+  else:
+    low, high = np.asarray(stats['min'], np.float32), np.asarray(stats['max'], np.float32)
+    out -= low
+    out *= 2.0 / (high - low)
+    out -= 1.0
+  return out
 
 
 def denormalize(x, stats: dict):
@@ -179,7 +188,7 @@ class SeriesSource:
     num_val = int(round(series.shape[0] * val_fraction))
     split = series.shape[0] - num_val
     self.stats = fit_normalization(series[:split], normalization, names)
-    normalized = normalize(series.astype(np.float32), self.stats).astype(np.float32)
+    normalized = normalize(series, self.stats)
     self.names = list(names)
     self.train = LazyWindows(normalized[:split], window, stride)
     # Validation windows start at the split: no window spans both parts.

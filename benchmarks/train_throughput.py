@@ -1,0 +1,90 @@
+"""Training throughput of a config on random data of its shape: compile time, steps/s, images/s.
+
+  python benchmarks/train_throughput.py --config=configs/cifar10.py --steps=20
+  python benchmarks/train_throughput.py --config=configs/digits.py --steps=200
+
+Uses data.name=synthetic (uint8 noise of the config's image shape), the real jitted train step
+with its sharding over every local device, and prints a Markdown table row that is also
+appended to benchmarks/results/train_throughput.md.
+"""
+
+import pathlib
+import platform
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+flags.DEFINE_integer('steps', 20, 'Timed steps after the first (compiling) one.')
+flags.DEFINE_string('results', str(pathlib.Path(__file__).parent / 'results' /
+                                   'train_throughput.md'), 'Markdown file to append to.')
+flags.mark_flags_as_required(['config'])
+
+
+def main(argv):
+  del argv
+  import jax
+  from ddpm_jax import config_lib, input_pipeline, sharding, train_state
+  from ddpm_jax.models import create_model
+  config = flags.FLAGS.config
+  config.data.name = 'synthetic'
+  config.data.num_examples = max(config.training.batch_size * 4, 256)
+  if not config.data.image_size or not config.data.channels:
+    info = input_pipeline.digits_source().info() if 'digits' in str(flags.FLAGS['config'].value) \
+        else None
+    config.data.image_size = config.data.image_size or (info.shape[0] if info else 32)
+    config.data.channels = config.data.channels or (info.shape[-1] if info else 3)
+  mesh = sharding.make_mesh()
+  sharding.check_global_batch(config.training.batch_size, mesh)
+  source = input_pipeline.create_source(config.data)
+  model = create_model(config)
+  schedule = config_lib.schedule_from_config(config)
+  tx = train_state.make_optimizer(config.optim)
+  init = train_state.initial_state_fn(config, model, tx, schedule, config_lib.data_shape(config))
+  replicated = sharding.replicated(mesh)
+  state_sharding = jax.tree.map(lambda _: replicated, jax.eval_shape(init))
+  state = jax.jit(init, out_shardings=state_sharding)()
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  step_fn = train_state.make_train_step(config, model, tx, schedule, state_sharding,
+                                        sharding.batch_sharding(mesh), replicated)
+  iterator = input_pipeline.make_iterator(source, config.training.batch_size, 0)
+  batches = [sharding.to_global(next(iterator), sharding.batch_sharding(mesh)) for _ in range(4)]
+  start = time.time()
+  state, metrics = step_fn(state, batches[0])
+  jax.block_until_ready(metrics)
+  compile_s = time.time() - start
+  start = time.time()
+  for i in range(flags.FLAGS.steps):
+    state, metrics = step_fn(state, batches[i % 4])
+    if (i + 1) % max(1, flags.FLAGS.steps // 10) == 0:
+      jax.block_until_ready(metrics)
+      rate = (i + 1) / (time.time() - start)
+      print(f'  {i + 1}/{flags.FLAGS.steps} steps, {rate:.3f} steps/s', flush=True)
+  jax.block_until_ready(state)
+  elapsed = time.time() - start
+  steps_per_s = flags.FLAGS.steps / elapsed
+  device = jax.devices()[0]
+  device_name = f'{jax.device_count()}x {device.device_kind}' + \
+      (f' ({platform.processor() or platform.machine()}, {__import__("os").cpu_count()} cores)'
+       if device.platform == 'cpu' else '')
+  row = (f'| {pathlib.Path(str(flags.FLAGS["config"].value)).name} | {num_params / 1e6:.2f}M | '
+         f'{config.training.batch_size} | {device_name} | {compile_s:.1f} | {flags.FLAGS.steps} | '
+         f'{steps_per_s:.3f} | {steps_per_s * config.training.batch_size:.1f} |')
+  header = ('| config | params | batch | device | compile + first step (s) | timed steps | '
+            'steps/s | images/s |\n|---|---|---|---|---|---|---|---|')
+  print(header)
+  print(row)
+  results = pathlib.Path(flags.FLAGS.results)
+  results.parent.mkdir(parents=True, exist_ok=True)
+  if not results.exists():
+    results.write_text(header + '\n')
+  with open(results, 'a') as f:
+    f.write(row + '\n')
+
+
+if __name__ == '__main__':
+  app.run(main)
