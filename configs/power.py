@@ -1,4 +1,4 @@
-"""Time-series windows of a long multichannel series (e.g. the ETT power-load data), 1-D UNet.
+"""Windows of a long multichannel series (e.g. the ETT power-load data), 4.0M-parameter 1-D UNet.
 
   python train.py --config=configs/power.py --workdir=runs/power \
       --config.data.path=../shared/data/ETTh1.csv --config.data.columns=HUFL,HULL,MUFL,MULL,LUFL,LULL,OT

@@ -1,11 +1,12 @@
-"""A CPU-sized variant of configs/power.py: 64-step windows and a 0.2M-parameter 1-D UNet.
+"""A CPU-sized variant of configs/power.py: 64-step windows and a 0.5M-parameter 1-D UNet.
 
   python train.py --config=configs/power_small.py --workdir=runs/power_small \
       --config.data.path=../shared/data/ETTh1.csv
   python sample.py --ckpt=runs/power_small --num_samples=512 --method=ddim --num_steps=50 --eval
 
-About 10 minutes on a 2-core CPU. The --eval table compares generated windows with held-out
-real ones; they should beat the Gaussian-noise baseline on every metric by a wide margin.
+About 9 minutes on a 2-core CPU (8,000 steps of batch 64 at ~15 steps/s). The --eval table
+compares generated windows with real training and validation windows; they beat independent
+Gaussian noise with each channel's mean and variance on every metric.
 """
 
 from configs import power
@@ -23,7 +24,7 @@ def get_config():
   config.optim.learning_rate = 1e-3
   config.optim.warmup_steps = 200
   config.optim.ema_decay = 0.995
-  config.training.num_steps = 4000
+  config.training.num_steps = 8000
   config.training.checkpoint_every = 1000
-  config.training.sample_every = 1000
+  config.training.sample_every = 2000
   return config

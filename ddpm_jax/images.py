@@ -48,7 +48,7 @@ def save_grid(images: np.ndarray, path, columns: int = 0) -> pathlib.Path:
 def _axes(draw, box, ylim, title):
   left, top, right, bottom = box
   draw.rectangle(box, outline=(0, 0, 0))
-  draw.text((left, 2), title, fill=(0, 0, 0))
+  draw.text((left, top - 12), title, fill=(0, 0, 0))
   draw.text((2, top), f'{ylim[1]:.3g}', fill=(0, 0, 0))
   draw.text((2, bottom - 10), f'{ylim[0]:.3g}', fill=(0, 0, 0))
 

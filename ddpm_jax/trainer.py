@@ -199,15 +199,21 @@ def train_and_evaluate(config, workdir) -> train_state.TrainState:
 
     step = int(state.step)
     progress = Progress(step, training.num_steps, training.batch_size)
-    compile_start = time.time()
+    print(f'training {workdir} from step {step} to {training.num_steps} on {jax.device_count()} '
+          f'{jax.devices()[0].platform} device(s); compiling the train step...', flush=True)
+    compile_start, compiled = time.time(), False
     while step < training.num_steps:
       batch = sharding.to_global(next(data_iter), sharding.batch_sharding(mesh))
       state, metrics = step_fn(state, batch)
       step += 1
-      if step == int(progress.start_step) + 1:
+      if not compiled:
         jax.block_until_ready(state)
-        _append_metrics(workdir, {'step': step, 'compile_and_first_step_s':
-                                  round(time.time() - compile_start, 3)})
+        first_step_s = round(time.time() - compile_start, 3)
+        print(f'step {step}: compiled and ran the first step in {first_step_s} s', flush=True)
+        if jax.process_index() == 0:
+          _append_metrics(workdir, {'step': step, 'compile_and_first_step_s': first_step_s})
+        compiled = True  # rates and ETA count from here, without compilation
+        progress.start_step, progress.start_time = step, time.time()
       checkpoint_now = step % training.checkpoint_every == 0 or step == training.num_steps
       if step % training.log_every == 0 or checkpoint_now or flag.signum:
         record = {'step': step, 'loss': float(metrics['loss']),

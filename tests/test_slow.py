@@ -1,0 +1,76 @@
+"""Long runs: python -m pytest -m slow (about 10 minutes on 2 cores)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from ddpm_jax import config_lib, train_state
+from ddpm_jax.checkpointing import Checkpointer
+from ddpm_jax.models import create_model
+from tests.helpers import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+ARGS = ['--config=configs/digits.py', '--config.training.num_steps=600',
+        '--config.training.checkpoint_every=100', '--config.training.sample_every=10000',
+        '--config.training.log_every=20']
+
+
+def _start(workdir):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  return subprocess.Popen([sys.executable, 'train.py', *ARGS, f'--workdir={workdir}'],
+                          cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _final_state(workdir):
+  config = config_lib.read_workdir_config(workdir)
+  model = create_model(config)
+  tx = train_state.make_optimizer(config.optim)
+  init = train_state.initial_state_fn(config, model, tx, config_lib.schedule_from_config(config),
+                                      config_lib.data_shape(config))
+  checkpointer = Checkpointer(workdir / 'checkpoints', read_only=True)
+  restored = checkpointer.restore(checkpointer.all_steps()[-1], jax.eval_shape(init))
+  return restored.step, restored.state
+
+
+def _kill_when(process, condition, timeout=600):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if condition():
+      process.send_signal(signal.SIGKILL)
+      process.wait()
+      return
+    time.sleep(0.01)
+  process.kill()
+  raise AssertionError('the condition to kill never came')
+
+
+def test_kill_9_mid_run_and_during_a_save_then_resume_matches_uninterrupted(tmp_path):
+  straight = tmp_path / 'straight'
+  assert _start(straight).wait() == 0
+  interrupted = tmp_path / 'interrupted'
+  checkpoints = interrupted / 'checkpoints'
+  steps = lambda: [p.name for p in checkpoints.iterdir()] if checkpoints.is_dir() else []
+  # 1. mid-run, between saves: after checkpoint 200 is complete.
+  _kill_when(_start(interrupted), lambda: '200' in steps())
+  # 2. during a save: as soon as a temporary step folder appears.
+  process = _start(interrupted)
+  _kill_when(process, lambda: any('tmp' in name for name in steps()))
+  completed = sorted(int(n) for n in steps() if n.isdigit())
+  result = _start(interrupted)
+  output, _ = result.communicate(timeout=900)
+  assert result.returncode == 0, output[-3000:]
+  assert f'resuming {interrupted} from checkpoint {completed[-1]}' in output
+  step_a, state_a = _final_state(straight)
+  step_b, state_b = _final_state(interrupted)
+  assert step_a == step_b == 600
+  for a, b in zip(jax.tree.leaves((state_a.params, state_a.ema_params)),
+                  jax.tree.leaves((state_b.params, state_b.ema_params))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
