@@ -30,9 +30,6 @@ flags.mark_flags_as_required(['ckpt'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  from absl import logging
-  if not flags.FLAGS['verbosity'].present:  # orbax logs every restore at INFO
-    logging.set_verbosity(logging.WARNING)
   from ddpm_jax import cli, generate, inference
   f = flags.FLAGS
 

@@ -16,9 +16,6 @@ flags.mark_flags_as_required(['config'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  from absl import logging
-  if not flags.FLAGS['verbosity'].present:  # orbax logs every save at INFO
-    logging.set_verbosity(logging.WARNING)
   from ddpm_jax import cli, trainer
   cli.run('train.py', lambda: trainer.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir))
 

@@ -11,8 +11,12 @@ from ddpm_jax.checkpointing import CheckpointError
 def run(program: str, fn):
   """Calls fn(); a user-facing error becomes ``<program>: error: <one line>`` and exit code 1.
 
-  Set DDPM_JAX_DEBUG=1 to see the traceback instead.
+  Set DDPM_JAX_DEBUG=1 to see the traceback instead. Logging defaults to warnings (orbax logs
+  every save and restore at INFO); --verbosity=0 shows it.
   """
+  from absl import flags, logging
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
   from ddpm_jax.trainer import Interrupted, TrainingError
   try:
     return fn()

@@ -119,18 +119,17 @@ def generate(ckpt: str, out: str, *, num_samples: int = 64, method: str = '',
       folder = pathlib.Path(png_dir).expanduser()
       for i, image in enumerate(uint8):
         images.save_png(image, folder / f'{i:06d}.png')
-  if trajectory:
+  if trajectory and config_lib.is_series(config):
+    print('--trajectory draws image strips only; skipped for a time-series run')
+  elif trajectory:
     count = min(8, num_samples)
     traj_kwargs = dict(kwargs)
     if label_array is not None:
       traj_kwargs['labels'] = jnp.asarray(label_array[:count])
     _, (x_t, x0) = sample_fn(params, jax.random.key(seed), count, return_trajectory=True,
                              **traj_kwargs)
-    if config_lib.is_series(config):
-      print('--trajectory draws image strips only; skipped for a time-series run')
-    else:
-      images.save_png(trajectory_strip(np.asarray(x_t), np.asarray(x0)), out / 'trajectory.png',
-                      scale=max(1, 64 // x_t.shape[2]))
+    images.save_png(trajectory_strip(np.asarray(x_t), np.asarray(x0)), out / 'trajectory.png',
+                    scale=max(1, 64 // x_t.shape[2]))
   (out / 'timing.txt').write_text(f'{method} {steps} steps {num_samples} samples '
                                   f'{elapsed:.2f} s\n')
   print(f'wrote {out}')

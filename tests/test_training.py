@@ -138,6 +138,10 @@ DEVICE_RUN = textwrap.dedent('''
     config.training.num_steps = 3
     config.training.sample_every = 100
     state = trainer.train_and_evaluate(config, {workdir!r})
+    from ddpm_jax import inference
+    sample_fn, params = inference.load_sampler({workdir!r})
+    samples = sample_fn(params, jax.random.key(0), 8, num_steps=3)
+    assert len(samples.sharding.device_set) == {devices}, samples.sharding  # split over devices
     leaves = jax.tree.leaves(state.params)
     np.savez({out!r}, *[np.asarray(x) for x in leaves])
 ''')
@@ -185,3 +189,45 @@ def test_bad_input_gives_one_line(tmp_path, args, message):
   assert result.returncode == 1
   lines = error_lines(result)
   assert len(lines) == 1 and lines[0].startswith(message), result.stderr[-2000:]
+
+
+def test_failed_checkpoint_write_is_one_clear_error(tmp_path, monkeypatch):
+  from ddpm_jax.checkpointing import CheckpointError, Checkpointer
+  config = tiny_config()
+  model = create_model(_with_channels(config))
+  tx = train_state.make_optimizer(config.optim)
+  state = train_state.initial_state_fn(config, model, tx, schedules.linear(100, 1e-4, 0.2),
+                                       (8, 8, 1))()
+  checkpointer = Checkpointer(tmp_path / 'checkpoints')
+  checkpointer.save(1, state, None, {})
+  checkpointer.wait()
+
+  def disk_full():
+    raise ValueError('Error writing to file: No space left on device')
+  monkeypatch.setattr(checkpointer.manager, 'wait_until_finished', disk_full)
+  checkpointer.save(2, state, None, {})
+  with pytest.raises(CheckpointError, match=r'writing checkpoint 2 .* failed \(Error writing.*No '
+                                            r'space left on device\); checkpoint 1 is intact'):
+    checkpointer.wait()
+
+
+def test_sigterm_saves_then_exits(tmp_path):
+  import signal
+  args = ['train.py', '--config=configs/digits.py', f'--workdir={tmp_path}',
+          '--config.model.ch=16', '--config.model.num_res_blocks=1',
+          '--config.training.num_steps=100000', '--config.training.log_every=1']
+  process = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  lines = []
+  for line in process.stdout:
+    lines.append(line)
+    if line.startswith('step 5/'):
+      break
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+  message = [l for l in stderr.splitlines() if l.startswith('train.py:')]
+  assert len(message) == 1 and 'stopped by SIGTERM at step' in message[0]
+  step = int(message[0].split('at step ')[1].split(';')[0])
+  assert step >= 5 and (tmp_path / 'checkpoints' / str(step)).is_dir()
