@@ -2,11 +2,12 @@
 
   python train.py --config=configs/power_small.py --workdir=runs/power_small \
       --config.data.path=../shared/data/ETTh1.csv
-  python sample.py --ckpt=runs/power_small --num_samples=512 --method=ddim --num_steps=50 --eval
+  python sample.py --ckpt=runs/power_small --num_samples=1000 --method=ddpm --eval
 
 About 9 minutes on a 2-core CPU (8,000 steps of batch 64 at ~15 steps/s). The --eval table
-compares generated windows with real training and validation windows; they beat independent
-Gaussian noise with each channel's mean and variance on every metric.
+compares generated windows with real training and validation windows; on ETTh1 they beat
+independent Gaussian noise with each channel's mean and variance by 5-18x on every metric
+(README, Time series).
 """
 
 from configs import power
