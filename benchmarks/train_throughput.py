@@ -31,13 +31,12 @@ def main(argv):
   from ddpm_jax import config_lib, input_pipeline, sharding, train_state
   from ddpm_jax.models import create_model
   config = flags.FLAGS.config
+  config_name = pathlib.Path(config_flags.get_config_filename(flags.FLAGS['config'])).name
+  if not config.data.image_size or not config.data.channels:  # shape from the config's own data
+    shape = input_pipeline.create_source(config.data).info().shape
+    config.data.image_size, config.data.channels = shape[0], shape[-1]
   config.data.name = 'synthetic'
   config.data.num_examples = max(config.training.batch_size * 4, 256)
-  if not config.data.image_size or not config.data.channels:
-    info = input_pipeline.digits_source().info() if 'digits' in str(flags.FLAGS['config'].value) \
-        else None
-    config.data.image_size = config.data.image_size or (info.shape[0] if info else 32)
-    config.data.channels = config.data.channels or (info.shape[-1] if info else 3)
   mesh = sharding.make_mesh()
   sharding.check_global_batch(config.training.batch_size, mesh)
   source = input_pipeline.create_source(config.data)
@@ -71,7 +70,7 @@ def main(argv):
   device_name = f'{jax.device_count()}x {device.device_kind}' + \
       (f' ({platform.processor() or platform.machine()}, {__import__("os").cpu_count()} cores)'
        if device.platform == 'cpu' else '')
-  row = (f'| {pathlib.Path(str(flags.FLAGS["config"].value)).name} | {num_params / 1e6:.2f}M | '
+  row = (f'| {config_name} | {num_params / 1e6:.2f}M | '
          f'{config.training.batch_size} | {device_name} | {compile_s:.1f} | {flags.FLAGS.steps} | '
          f'{steps_per_s:.3f} | {steps_per_s * config.training.batch_size:.1f} |')
   header = ('| config | params | batch | device | compile + first step (s) | timed steps | '
