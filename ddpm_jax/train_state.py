@@ -42,9 +42,15 @@ def model_apply(model, params, x_t, t, labels=None, train=False, dropout_key=Non
   return model.apply({'params': params}, x_t, t, labels, train=train, rngs=rngs)
 
 
-def create_train_state(model, tx, key, example_shape, loss_history=None) -> TrainState:
-  """Initialises parameters from ``key`` for examples of ``example_shape`` ((H, W, C) or (L, C))."""
-  init_key, state_key = jax.random.split(key)
+def run_keys(seed: int):
+  """The independent key streams of a run: (parameter init, training steps, sample grids)."""
+  return tuple(jax.random.split(jax.random.key(seed), 3))
+
+
+def create_train_state(model, tx, seed: int, example_shape, loss_history=None) -> TrainState:
+  """Initialises parameters for examples of ``example_shape`` ((H, W, C) or (L, C)); the state
+  keeps the seed's training key."""
+  init_key, state_key, _ = run_keys(seed)
   x = jnp.zeros((1,) + tuple(example_shape), jnp.float32)
   labels = jnp.zeros((1,), jnp.int32) if model.num_classes else None
   params = model.init(init_key, x, jnp.zeros((1,), jnp.int32), labels)['params']
@@ -65,8 +71,7 @@ def initial_state_fn(config, model, tx, schedule, example_shape):
     raise ValueError(f'unknown diffusion.timestep_sampling '
                      f'{config.diffusion.timestep_sampling!r}; choose one of '
                      f'{", ".join(losses.TIMESTEP_SAMPLINGS)}')
-  key = jax.random.key(config.training.seed)
-  return lambda: create_train_state(model, tx, key, example_shape, loss_history)
+  return lambda: create_train_state(model, tx, config.training.seed, example_shape, loss_history)
 
 
 def _all_finite(tree) -> jax.Array:

@@ -16,7 +16,6 @@ import time
 
 import jax
 import numpy as np
-from absl import logging
 
 from ddpm_jax import (config_lib, images, inference, input_pipeline, sharding, train_state)
 from ddpm_jax.checkpointing import Checkpointer
@@ -184,7 +183,6 @@ def train_and_evaluate(config, workdir) -> train_state.TrainState:
     restored = checkpointer.restore_latest(abstract)
     if restored is None:
       state = jax.jit(init, out_shardings=state_sharding)()
-      logging.info('starting %s from scratch', workdir)
     else:
       state = restored.state
       if restored.data_iter is not None:
@@ -195,7 +193,7 @@ def train_and_evaluate(config, workdir) -> train_state.TrainState:
     step_fn = train_state.make_train_step(config, model, tx, schedule, state_sharding,
                                           sharding.batch_sharding(mesh), replicated)
     sample_fn = inference.make_sample_fn(model, config, data_stats)
-    sample_key = jax.random.key(training.seed + 1)
+    sample_key = train_state.run_keys(training.seed)[2]
 
     step = int(state.step)
     progress = Progress(step, training.num_steps, training.batch_size)

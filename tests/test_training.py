@@ -205,10 +205,14 @@ def test_failed_checkpoint_write_is_one_clear_error(tmp_path, monkeypatch):
   def disk_full():
     raise ValueError('Error writing to file: No space left on device')
   monkeypatch.setattr(checkpointer.manager, 'wait_until_finished', disk_full)
-  checkpointer.save(2, state, None, {})
+  # orbax reports the failure from save() or from the wait after it, whichever comes first.
   with pytest.raises(CheckpointError, match=r'writing checkpoint 2 .* failed \(Error writing.*No '
                                             r'space left on device\); checkpoint 1 is intact'):
+    checkpointer.save(2, state, None, {})
     checkpointer.wait()
+  monkeypatch.undo()
+  assert checkpointer.all_steps()[0] == 1
+  checkpointer.restore(1, jax.eval_shape(lambda: state))  # the previous one still restores
 
 
 def test_sigterm_saves_then_exits(tmp_path):
