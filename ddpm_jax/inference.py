@@ -143,7 +143,7 @@ def load_sampler(path, step: Optional[int] = None):
     raise FileNotFoundError(f'no complete checkpoint {wanted} in {workdir / "checkpoints"} '
                             f'(complete: {steps})')
   restored = checkpointer.restore(wanted if wanted is not None else steps[-1], abstract)
-  checkpointer.manager.close()
+  checkpointer.close()
   data_stats = restored.extras.get('data_stats')
   sample_fn = make_sample_fn(model, config, data_stats)
   sample_fn.config, sample_fn.model, sample_fn.step = config, model, restored.step

@@ -173,9 +173,10 @@ def train_and_evaluate(config, workdir) -> train_state.TrainState:
   prepare_workdir(workdir, config)
 
   replicated = sharding.replicated(mesh)
-  state_sharding = jax.tree.map(lambda _: replicated, jax.eval_shape(init))
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          jax.eval_shape(init), state_sharding)
+  shapes = jax.eval_shape(init)
+  state_sharding = jax.tree.map(lambda _: replicated, shapes)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          shapes)
   checkpointer = Checkpointer(workdir / 'checkpoints', training.keep_checkpoints)
   flag = SignalFlag()
   progress = None

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import diffusion, sampling, schedules
+from ddpm_jax import sampling, schedules
 from tests.analytic import gaussian_eps, gaussian_mixture_eps
 
 LINEAR = schedules.linear()
@@ -144,6 +144,8 @@ def test_dpm_solver_pp_second_step_is_2m_update():
   carry, _ = plan.step(carry, jax.tree.map(lambda v: v[1], plan.xs))
   abar = np.cumprod(1 - np.asarray(sched.betas, np.float64))
   all_ts = sampling.log_snr_timesteps(sched, 4)
+  np.testing.assert_array_equal(ts, all_ts[:-1])  # the network is called at all but the last
+  assert all_ts[0] == 999 and all_ts[-1] == 0
   alpha, sigma = np.sqrt(abar[all_ts]), np.sqrt(1 - abar[all_ts])
   lam = np.log(alpha / sigma)
   np.testing.assert_allclose(np.diff(lam), np.diff(lam)[0], rtol=0.02)  # uniform in log-SNR
