@@ -125,7 +125,7 @@ def check_or_fill_nans(series: np.ndarray, names: Sequence[str], fill: bool, sou
   if not fill:
     rows = np.flatnonzero(missing.any(axis=1))
     shown = ', '.join(str(r) for r in rows[:5]) + (', ...' if len(rows) > 5 else '')
-    raise ValueError(f'{source} has NaN or empty values in {len(rows)} rows (data rows {shown}, '
+    raise ValueError(f'{source} has NaN or empty values in {len(rows)} row(s) (data rows {shown}, '
                      f'counting from 0); clean them or set --config.data.fill_nan=True to '
                      f'interpolate')
   series = series.copy()
@@ -187,6 +187,9 @@ class SeriesSource:
       raise ValueError(f'data.val_fraction must lie in [0, 1), got {val_fraction}')
     num_val = int(round(series.shape[0] * val_fraction))
     split = series.shape[0] - num_val
+    if window > split:
+      raise ValueError(f'window {window} is longer than the training part of the series '
+                       f'({split} of {series.shape[0]} rows); use a window of at most {split}')
     self.stats = fit_normalization(series[:split], normalization, names)
     normalized = normalize(series, self.stats)
     self.names = list(names)

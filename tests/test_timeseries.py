@@ -101,7 +101,7 @@ def test_csv_reading_and_bad_input(tmp_path):
     timeseries.read_series(text)
   holes = _write_csv(tmp_path / 'holes.csv', ['d1,1,', 'd2,,', 'd3,3,1', 'd4,4,2'])
   series, names = timeseries.read_series(holes)
-  with pytest.raises(ValueError, match=r'NaN or empty values in 2 rows \(data rows 0, 1'):
+  with pytest.raises(ValueError, match=r'NaN or empty values in 2 row\(s\) \(data rows 0, 1'):
     timeseries.check_or_fill_nans(series, names, False, 'holes.csv')
   filled = timeseries.check_or_fill_nans(series, names, True, 'holes.csv')
   np.testing.assert_allclose(filled[:, 0], [1, 2, 3, 4])
