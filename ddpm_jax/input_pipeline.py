@@ -236,4 +236,4 @@ def make_iterator(source, global_batch_size: int, seed: int) -> grain.DatasetIte
   dataset = (grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None)
              .batch(global_batch_size, drop_remainder=True)
              .map(_LoadRows(source, sharding.process_rows(global_batch_size))))
-  return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+  return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)))

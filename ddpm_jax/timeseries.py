@@ -57,7 +57,7 @@ class LazyWindows:
     indices = np.asarray(indices)
     # [n, window] row numbers, then one gather: only the requested windows are copied.
     rows = (indices * self.stride)[:, None] + np.arange(self.window)[None, :]
-    return {'x': self.series[rows].astype(np.float32)}
+    return {'x': self.series[rows].astype(np.float32, copy=False)}
 
 
 def read_series(path: pathlib.Path, columns: str = '', time_column: str = 'date'):
@@ -151,12 +151,13 @@ def fit_normalization(train_part: np.ndarray, method: str, names: Sequence[str])
                    f'{", ".join(NORMALIZATIONS)}')
 
 
-def normalize(x: np.ndarray, stats: dict) -> np.ndarray:
-  """Original units -> model space (z-scores, or [-1, 1] for minmax) as a new float32 array.
+def normalize(x: np.ndarray, stats: dict, copy: bool = True) -> np.ndarray:
+  """Original units -> model space (z-scores, or [-1, 1] for minmax), float32.
 
-  Works on one copy in place, so a long series is never held more than twice.
+  With ``copy=False`` a float32 ``x`` is normalised in place and returned (no second copy of a
+  long series); otherwise the result is one new array.
   """
-  out = np.array(x, np.float32)
+  out = np.array(x, np.float32) if copy else np.asarray(x, np.float32)
   if stats['method'] == 'zscore':
     out -= np.asarray(stats['mean'], np.float32)
     out /= np.asarray(stats['std'], np.float32)
@@ -182,7 +183,8 @@ class SeriesSource:
   """Training windows of a normalised series, plus the validation windows that follow them."""
 
   def __init__(self, series: np.ndarray, names: Sequence[str], window: int, stride: int,
-               val_fraction: float, normalization: str):
+               val_fraction: float, normalization: str, copy: bool = True):
+    """``copy=False`` hands the series over: a float32 one is normalised in place."""
     if not 0.0 <= val_fraction < 1.0:
       raise ValueError(f'data.val_fraction must lie in [0, 1), got {val_fraction}')
     num_val = int(round(series.shape[0] * val_fraction))
@@ -191,7 +193,7 @@ class SeriesSource:
       raise ValueError(f'window {window} is longer than the training part of the series '
                        f'({split} of {series.shape[0]} rows); use a window of at most {split}')
     self.stats = fit_normalization(series[:split], normalization, names)
-    normalized = normalize(series, self.stats)
+    normalized = normalize(series, self.stats, copy=copy)
     self.names = list(names)
     self.train = LazyWindows(normalized[:split], window, stride)
     # Validation windows start at the split: no window spans both parts.
@@ -212,8 +214,8 @@ def series_source(path: pathlib.Path, data_config) -> SeriesSource:
   """Reads, checks and splits the series that ``config.data`` names."""
   series, names = read_series(path, data_config.columns, data_config.time_column)
   series = check_or_fill_nans(series, names, data_config.fill_nan, str(path))
-  return SeriesSource(series, names, data_config.window, data_config.stride,
-                      data_config.val_fraction, data_config.normalization)
+  return SeriesSource(series.astype(np.float32), names, data_config.window, data_config.stride,
+                      data_config.val_fraction, data_config.normalization, copy=False)
 
 
 def plot_windows(generated: np.ndarray, real: Optional[np.ndarray], path,

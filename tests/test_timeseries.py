@@ -158,3 +158,12 @@ def test_series_run_end_to_end_in_original_units(tmp_path):
   assert (out / 'windows.png').is_file()
   table = json.loads((out / 'metrics.json').read_text())
   assert set(table['generated vs real train']) == set(metrics.METRIC_NAMES)
+
+
+def test_handing_the_series_over_normalises_it_in_place():
+  series = np.random.default_rng(0).normal(3.0, 2.0, (300, 2)).astype(np.float32)
+  kept = timeseries.SeriesSource(series, ['a', 'b'], 10, 1, 0.0, 'zscore')
+  assert not np.shares_memory(kept.train.series, series) and abs(series.mean() - 3) < 0.5
+  given = timeseries.SeriesSource(series, ['a', 'b'], 10, 1, 0.0, 'zscore', copy=False)
+  assert np.shares_memory(given.train.series, series)  # one array, no second copy
+  np.testing.assert_allclose(given.train.series, kept.train.series, rtol=1e-6, atol=1e-6)
