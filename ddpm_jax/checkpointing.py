@@ -40,9 +40,12 @@ class Checkpointer:
 
   def __init__(self, directory, max_to_keep: int = 3, read_only: bool = False):
     self.directory = pathlib.Path(directory).expanduser().absolute()
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
+    # A reader neither creates nor cleans anything. (orbax's own read_only option works too, but
+    # logs three warnings on every sample.py run.)
+    options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else max_to_keep,
+                                           create=not read_only,
                                            cleanup_tmp_directories=not read_only,
-                                           read_only=read_only, enable_async_checkpointing=True)
+                                           enable_async_checkpointing=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._pending_step = None
 
