@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import config_lib, images, inference, sampling
+from ddpm_jax import config_lib, images, inference
 
 
 class StepProgress:
@@ -82,14 +82,13 @@ def generate(ckpt: str, out: str, *, num_samples: int = 64, method: str = '',
     raise ValueError(f'--num_samples must be at least 1, got {num_samples}')
   sample_fn, params = inference.load_sampler(ckpt)
   config = sample_fn.config
-  method = method or config.sampling.method
-  schedule = config_lib.schedule_from_config(config)
-  steps = sampling.check_method(method, schedule, (num_steps or config.sampling.num_steps)
-                                if method != 'ddpm' else (num_steps or None))
+  # Validated before anything is written: sample_fn checks the same again per batch.
+  method, num_steps, steps = inference.resolve_method(
+      config, config_lib.schedule_from_config(config), method, num_steps or None)
   label_array = parse_labels(labels, num_samples)
   inference.check_labels(sample_fn.model, label_array, num_samples)
   batch_size = min(batch_size or config.sampling.batch_size, num_samples)
-  kwargs = dict(method=method, num_steps=None if method == 'ddpm' else steps,
+  kwargs = dict(method=method, num_steps=num_steps,
                 eta=None if eta < 0 else eta,
                 guidance_scale=None if guidance_scale < 0 else guidance_scale)
   if label_array is not None:

@@ -36,6 +36,18 @@ def check_labels(model, labels, num_samples: int) -> None:
                      f'[{values.min()}, {values.max()}]')
 
 
+def resolve_method(config, schedule, method: Optional[str], num_steps: Optional[int]):
+  """Fills unset sampling options from ``config.sampling`` and validates them.
+
+  Returns (method, num_steps to pass on: None for ddpm, steps the scan takes).
+  """
+  method = method or config.sampling.method
+  if method == 'ddpm':
+    return method, None, sampling.check_method(method, schedule, num_steps)
+  num_steps = config.sampling.num_steps if num_steps is None else num_steps
+  return method, num_steps, sampling.check_method(method, schedule, num_steps)
+
+
 def guided_model_fn(model, params, labels, guidance_scale: float):
   """model_fn(x_t, t) with classifier-free guidance: out = null + w (cond - null)."""
   apply = lambda x, t, y: train_state.model_apply(model, params, x, t, y)
@@ -95,12 +107,9 @@ def make_sample_fn(model, config, data_stats: Optional[dict] = None):
                 num_steps: Optional[int] = None, eta: Optional[float] = None, labels=None,
                 guidance_scale: Optional[float] = None, return_trajectory: bool = False,
                 progress=None):
-    method = method or defaults.method
-    if num_steps is None and method != 'ddpm':
-      num_steps = defaults.num_steps
+    method, num_steps, _ = resolve_method(config, schedule, method, num_steps)
     # Checked here, where labels are still concrete, unless the caller's own jit traces them.
     check_labels(model, labels, num_samples)
-    sampling.check_method(method, schedule, num_steps)
     return jitted(params, key, num_samples, method=method, num_steps=num_steps, eta=eta,
                   labels=labels, guidance_scale=guidance_scale,
                   return_trajectory=return_trajectory, progress=progress)
@@ -155,9 +164,9 @@ def sample_in_batches(sample_fn, params, key, num_samples: int, batch_size: int,
   """Draws num_samples in batches of at most batch_size (numpy [num_samples, ...]); batch i
   uses fold_in(key, i), so a run is reproducible for a fixed batch size."""
   outputs = []
+  labels = kwargs.get('labels')
   for i, start in enumerate(range(0, num_samples, batch_size)):
     n = min(batch_size, num_samples - start)
-    labels = kwargs.get('labels')
     call_kwargs = dict(kwargs)
     if labels is not None:
       call_kwargs['labels'] = jnp.asarray(labels)[start:start + n]

@@ -33,11 +33,18 @@ VARIANCES = ('small', 'large')
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
+def _identity(value):
+  return value
+
+
 class Plan(NamedTuple):
-  """A sampler: ``step(carry, xs_i) -> (carry, (x_t, x0_pred))`` scanned over ``xs``."""
+  """A sampler: ``step(carry, xs_i) -> (carry, (x_t, x0_pred))`` scanned over ``xs``, starting
+  from ``init(x_T)``; ``final(carry)`` is x_0. Multistep solvers carry more than x."""
   step: Callable
   xs: dict
   nfe: int
+  init: Callable = _identity
+  final: Callable = _identity
 
 
 def check_method(method: str, schedule, num_steps: Optional[int]) -> int:
@@ -88,15 +95,12 @@ def timesteps(schedule, num_steps: int, spacing: str = 'uniform') -> np.ndarray:
   """
   if spacing not in SPACINGS:
     raise ValueError(f'unknown spacing {spacing!r}; choose one of {", ".join(SPACINGS)}')
-  if schedules_lib.is_continuous(schedule):
-    unit = np.linspace(1.0, 0.0, num_steps) if num_steps > 1 else np.ones(1)
-    if spacing == 'quadratic':
-      unit = unit ** 2
-    return (schedule.t_min + unit * (schedule.t_max - schedule.t_min)).astype(np.float32)
-  last = schedule.num_timesteps - 1
   unit = np.linspace(1.0, 0.0, num_steps) if num_steps > 1 else np.ones(1)
-  values = last * unit ** 2 if spacing == 'quadratic' else last * unit
-  return _strictly_decreasing_ints(values, schedule.num_timesteps)
+  if spacing == 'quadratic':
+    unit = unit ** 2
+  if schedules_lib.is_continuous(schedule):
+    return (schedule.t_min + unit * (schedule.t_max - schedule.t_min)).astype(np.float32)
+  return _strictly_decreasing_ints((schedule.num_timesteps - 1) * unit, schedule.num_timesteps)
 
 
 def log_snr_timesteps(schedule, num_steps: int) -> np.ndarray:
@@ -202,7 +206,9 @@ def _dpm_solver_plan(model_fn, schedule, num_steps, prediction, clip_x0):
             alpha_next=jnp.asarray(alpha[1:]), sigma_next=jnp.asarray(sigma[1:]),
             h=jnp.asarray(h, jnp.float32), h_prev=jnp.asarray(h_prev, jnp.float32),
             first=jnp.arange(num_steps) == 0)
-  return Plan(step, xs, num_steps)
+  # The carry holds the previous data prediction beside x.
+  return Plan(step, xs, num_steps, init=lambda x: (x, jnp.zeros_like(x)),
+              final=lambda carry: carry[0])
 
 
 def _sde_plan(model_fn, schedule, key, num_steps, prediction, method):
@@ -271,9 +277,7 @@ def sample(model_fn: ModelFn, schedule, key, shape, *, method: str,
     x_T = jax.random.normal(init_key, shape, jnp.float32)
   elif tuple(x_T.shape) != tuple(shape):
     raise ValueError(f'x_T has shape {tuple(x_T.shape)} but shape is {tuple(shape)}')
-  first = next(iter(plan.xs.values()))
-  num_scan_steps = first.shape[0]
-  carry = (x_T, jnp.zeros_like(x_T)) if method == 'dpm_solver++' else x_T
+  num_scan_steps = next(iter(plan.xs.values())).shape[0]
 
   def body(carry, xs_i):
     carry, out = plan.step(carry, xs_i[0])
@@ -281,6 +285,6 @@ def sample(model_fn: ModelFn, schedule, key, shape, *, method: str,
       jax.debug.callback(progress, xs_i[1])
     return carry, (out if return_trajectory else None)
 
-  carry, trajectory = jax.lax.scan(body, carry, (plan.xs, jnp.arange(num_scan_steps)))
-  x = carry[0] if method == 'dpm_solver++' else carry
+  carry, trajectory = jax.lax.scan(body, plan.init(x_T), (plan.xs, jnp.arange(num_scan_steps)))
+  x = plan.final(carry)
   return (x, trajectory) if return_trajectory else x

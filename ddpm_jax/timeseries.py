@@ -219,10 +219,10 @@ def series_source(path: pathlib.Path, data_config) -> SeriesSource:
 
 
 def plot_windows(generated: np.ndarray, real: Optional[np.ndarray], path,
-                 columns: str = '', names: Optional[Sequence[str]] = None) -> None:
+                 names: Optional[Sequence[str]] = None) -> None:
   """windows.png: one panel per channel; real windows in blue/green, generated in orange/red."""
   num_channels = generated.shape[-1]
-  names = list(names or [c.strip() for c in columns.split(',') if c.strip()])
+  names = list(names or [])
   if len(names) != num_channels:
     names = [str(c) for c in range(num_channels)]
   steps = np.arange(generated.shape[1])
@@ -240,7 +240,7 @@ def plot_windows(generated: np.ndarray, real: Optional[np.ndarray], path,
 def write_series_outputs(samples: np.ndarray, config, stats: dict, out: pathlib.Path,
                          evaluate: bool) -> None:
   """samples.npy [N, window, C] in original units, samples.csv (long format), windows.png, and
-  with ``evaluate`` metrics.json against real validation windows."""
+  with ``evaluate`` metrics.json against real training and validation windows."""
   np.save(out / 'samples.npy', samples.astype(np.float32))
   names = stats.get('columns') or [str(c) for c in range(samples.shape[-1])]
   with open(out / 'samples.csv', 'w', newline='') as f:

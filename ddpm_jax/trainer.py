@@ -144,7 +144,7 @@ def write_samples(sample_fn, params, key, config, data_stats, path: pathlib.Path
   samples = np.asarray(sample_fn(params, key, num))
   if config_lib.is_series(config):
     from ddpm_jax import timeseries
-    timeseries.plot_windows(samples[:4], None, path, config.data.columns)
+    timeseries.plot_windows(samples[:4], None, path, (data_stats or {}).get('columns'))
   else:
     images.save_grid(np.round(samples * 255).astype(np.uint8), path)
 
