@@ -1,22 +1,32 @@
 """Orbax checkpoints of the train state, the data iterator and dataset statistics.
 
 Saves are asynchronous; orbax writes each step to a temporary folder and renames it when
-complete, so a save cut off by ``kill -9`` is never listed. A newest checkpoint that fails to
-restore is set aside (renamed ``<step>.damaged``) and the one before it is used.
+complete, so a save cut off by ``kill -9`` is never listed. Restores place every array with the
+sharding of the current mesh, so a checkpoint written on N devices or processes restores on any
+other count.
+
+A checkpoint that fails to restore is one of two things, told apart before anything is renamed:
+- damaged: its metadata cannot be read, or it describes the expected arrays but their data
+  cannot be read (missing or truncated files). The trainer sets it aside (``<step>.damaged``,
+  then a barrier) and uses the previous one; a reader warns and uses the previous one, renaming
+  nothing.
+- not damaged (a CheckpointError, nothing renamed): it holds arrays of other shapes (another
+  model or config), its files cannot be opened for a permission, or the machine ran out of memory.
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
+import sys
 from typing import NamedTuple, Optional
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-
-class CheckpointError(RuntimeError):
-  """A checkpoint could not be written."""
+from ddpm_jax import sharding
+from ddpm_jax.errors import CheckpointError
 
 
 class Restored(NamedTuple):
@@ -26,27 +36,65 @@ class Restored(NamedTuple):
   extras: dict
 
 
+class DamagedCheckpoint(Exception):
+  """The files of one checkpoint step are missing or unreadable."""
+
+
+# Failures of a restore that say nothing about the files' integrity.
+_NOT_DAMAGE = ('Topology mismatch', 'RESOURCE_EXHAUSTED', 'Permission denied', 'PERMISSION_DENIED',
+               'out of memory')
+
+
 def _savable(state):
   """Typed PRNG keys are stored as their raw uint32 data."""
   return state.replace(key=jax.random.key_data(state.key))
 
 
-def _abstract_savable(abstract_state):
-  return abstract_state.replace(key=jax.eval_shape(jax.random.key_data, abstract_state.key))
+def _restore_target(abstract_state, target_sharding):
+  """The abstract savable state with every leaf placed by ``target_sharding`` (current mesh)."""
+  savable = jax.eval_shape(_savable, abstract_state)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=target_sharding),
+                      savable)
+
+
+def _first_line(error: BaseException) -> str:
+  return (str(error).splitlines() or [type(error).__name__])[0][:300]
+
+
+def _path_names(path) -> tuple:
+  """A pytree path as plain names, whatever the container (dataclass field, dict key, index)."""
+  names = []
+  for entry in path:
+    for attribute in ('name', 'key', 'idx'):
+      if hasattr(entry, attribute):
+        names.append(str(getattr(entry, attribute)))
+        break
+  return tuple(names)
+
+
+def _leaf_shapes(tree) -> dict:
+  return {_path_names(path): (tuple(leaf.shape), str(leaf.dtype))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 class Checkpointer:
-  """Keeps the last ``max_to_keep`` checkpoints in ``directory`` (``<workdir>/checkpoints``)."""
+  """Keeps the last ``max_to_keep`` checkpoints in ``directory`` (``<workdir>/checkpoints``).
+
+  ``read_only``: a reader (sample.py, load_sampler) that neither creates, cleans nor renames.
+  """
 
   def __init__(self, directory, max_to_keep: int = 3, read_only: bool = False):
     self.directory = pathlib.Path(directory).expanduser().absolute()
-    # A reader neither creates nor cleans anything. (orbax's own read_only option works too, but
-    # logs three warnings on every sample.py run.)
+    self.read_only = read_only
+    # (orbax's own read_only option works too, but logs three warnings on every sample.py run.)
     options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else max_to_keep,
                                            create=not read_only,
                                            cleanup_tmp_directories=not read_only,
                                            enable_async_checkpointing=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    # Handlers named up front, so a fresh manager can read an item's metadata before a restore.
+    handlers = dict(state=ocp.StandardCheckpointHandler(), extras=ocp.JsonCheckpointHandler(),
+                    data_iter=ocp.JsonCheckpointHandler())
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     self._pending_step = None
 
   def all_steps(self) -> list[int]:
@@ -61,7 +109,7 @@ class Checkpointer:
     try:
       self.manager.save(step, args=ocp.args.Composite(**args), force=True)
     except Exception as error:
-      raise self._error(step, error) from None
+      raise self._write_error(step, error) from None
     self._pending_step = step
 
   def wait(self) -> None:
@@ -72,14 +120,14 @@ class Checkpointer:
     try:
       self.manager.wait_until_finished()
     except Exception as error:
-      raise self._error(step, error) from None
+      raise self._write_error(step, error) from None
 
-  def _error(self, step, error) -> CheckpointError:
+  def _write_error(self, step, error) -> CheckpointError:
     done = [s for s in self.manager.all_steps() if s != step]
     kept = f'checkpoint {max(done)} is intact' if done else 'no earlier checkpoint exists'
-    detail = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return CheckpointError(f'writing checkpoint {step} to {self.directory} failed ({detail}); '
-                           f'{kept}. Free disk space or choose another --workdir, then rerun.')
+    return CheckpointError(f'writing checkpoint {step} to {self.directory} failed '
+                           f'({_first_line(error)}); {kept}. Free disk space or choose another '
+                           f'--workdir, then rerun.')
 
   def close(self) -> None:
     try:
@@ -87,31 +135,80 @@ class Checkpointer:
     finally:
       self.manager.close()
 
-  def restore(self, step: int, abstract_state) -> Restored:
+  def _check_readable(self, step: int) -> None:
+    """A permission problem is the user's to fix, not damage: say so and rename nothing."""
+    for root, _, files in os.walk(self.directory / str(step)):
+      for name in [root] + [os.path.join(root, f) for f in files]:
+        if not os.access(name, os.R_OK):
+          raise CheckpointError(f'cannot read {name} (permission denied); fix the permissions of '
+                                f'{self.directory / str(step)} and rerun')
+
+  def _check_metadata(self, step: int, target) -> None:
+    """Damaged when the metadata cannot be read; a CheckpointError when it describes arrays of
+    other shapes (another model), so a config mismatch is never taken for damage."""
+    try:
+      metadata = self.manager.item_metadata(step)['state']
+      saved = _leaf_shapes(getattr(metadata, 'tree', metadata))
+    except Exception as error:  # missing or truncated metadata files, in many error types
+      raise DamagedCheckpoint(f'{type(error).__name__}: {_first_line(error)}') from None
+    wanted = _leaf_shapes(target)
+    if saved != wanted:
+      differ = sorted(set(saved) ^ set(wanted)) or \
+          sorted(k for k in wanted if saved.get(k) != wanted[k])
+      name = '/'.join(differ[0])
+      raise CheckpointError(
+          f'checkpoint {step} in {self.directory} holds other arrays than this config\'s model '
+          f'({len(differ)} differ, e.g. {name}: {saved.get(differ[0], "absent")} saved, '
+          f'{wanted.get(differ[0], "absent")} now); use the config it was written with')
+
+  def restore(self, step: int, abstract_state, target_sharding) -> Restored:
+    """Restores ``step`` with every array placed by ``target_sharding`` (the current mesh's).
+
+    Raises DamagedCheckpoint when its files are missing or unreadable, CheckpointError when it
+    cannot be restored for another reason.
+    """
+    target = _restore_target(abstract_state, target_sharding)
+    self._check_readable(step)
+    self._check_metadata(step, target)
     item_names = {p.name for p in (self.directory / str(step)).iterdir()}
-    args = dict(state=ocp.args.StandardRestore(_abstract_savable(abstract_state)),
-                extras=ocp.args.JsonRestore())
+    args = dict(state=ocp.args.StandardRestore(target), extras=ocp.args.JsonRestore())
     if 'data_iter' in item_names:
       args['data_iter'] = ocp.args.JsonRestore()
-    restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+    except Exception as error:
+      if isinstance(error, (PermissionError, MemoryError)) or \
+          any(text in str(error) for text in _NOT_DAMAGE):
+        raise CheckpointError(f'checkpoint {step} in {self.directory} does not restore '
+                              f'({_first_line(error)})') from None
+      raise DamagedCheckpoint(f'{type(error).__name__}: {_first_line(error)}') from None
     state = restored['state']
     state = state.replace(key=jax.random.wrap_key_data(state.key))
     return Restored(step, state, restored['data_iter'] if 'data_iter' in args else None,
                     restored['extras'] or {})
 
-  def restore_latest(self, abstract_state) -> Optional[Restored]:
-    """The newest checkpoint that restores; damaged ones are reported and set aside."""
-    for step in reversed(self.all_steps()):
+  def restore_latest(self, abstract_state, target_sharding,
+                     steps: Optional[list[int]] = None) -> Optional[Restored]:
+    """The newest checkpoint (of ``steps``, default all) that restores, or None if none is left.
+
+    A damaged one is reported; the trainer sets it aside as ``<step>.damaged`` (process 0
+    renames, every process waits at a barrier, then reloads), a reader only skips it.
+    """
+    for step in reversed(self.all_steps() if steps is None else steps):
       try:
-        return self.restore(step, abstract_state)
-      except Exception as error:  # orbax raises many types for missing or damaged files
-        first_line = (str(error).splitlines() or [type(error).__name__])[0][:300]
+        return self.restore(step, abstract_state, target_sharding)
+      except DamagedCheckpoint as damage:
         aside = self.directory / f'{step}.damaged'
-        logging.warning('checkpoint %d in %s does not restore (%s: %s); moved it to %s and '
-                        'trying the previous one', step, self.directory, type(error).__name__,
-                        first_line, aside)
-        print(f'warning: checkpoint {step} does not restore ({first_line}); set aside as {aside}')
-        if jax.process_index() == 0:
+        action = 'skipped it' if self.read_only else f'set it aside as {aside}'
+        message = f'checkpoint {step} is damaged ({damage}); {action} and trying the previous one'
+        logging.warning('%s in %s', message, self.directory)
+        if sharding.is_main_process():
+          print(f'warning: {message}', file=sys.stderr, flush=True)
+        if self.read_only:
+          continue
+        sharding.barrier(f'checkpoint_{step}_tried')  # nobody is still reading it
+        if sharding.is_main_process():
           (self.directory / str(step)).rename(aside)
+        sharding.barrier(f'checkpoint_{step}_set_aside')  # renamed before anyone reloads
         self.manager.reload()
     return None

@@ -5,7 +5,13 @@ from __future__ import annotations
 import os
 import sys
 
-from ddpm_jax.checkpointing import CheckpointError
+from absl import flags, logging
+
+from ddpm_jax import run_log
+from ddpm_jax.errors import (CheckpointError, Interrupted, LaunchError, TrainingError)
+
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, TrainingError, CheckpointError,
+               LaunchError)
 
 
 def run(program: str, fn):
@@ -14,19 +20,18 @@ def run(program: str, fn):
   Set DDPM_JAX_DEBUG=1 to see the traceback instead. Logging defaults to warnings (orbax logs
   every save and restore at INFO); --verbosity=0 shows it.
   """
-  from absl import flags, logging
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
-  from ddpm_jax.trainer import Interrupted, TrainingError
   try:
     return fn()
   except Interrupted as stop:
-    print(f'{program}: {stop}', file=sys.stderr)
+    run_log.silence_library_output()
+    print(f'{program}: {stop}', file=sys.stderr, flush=True)
     sys.exit(128 + stop.signum)
-  except (ValueError, FileNotFoundError, NotADirectoryError, TrainingError,
-          CheckpointError) as error:
+  except USER_ERRORS as error:
     if os.environ.get('DDPM_JAX_DEBUG') == '1':
       raise
+    run_log.silence_library_output()
     message = ' '.join(str(error).split()) or type(error).__name__
-    print(f'{program}: error: {message}', file=sys.stderr)
+    print(f'{program}: error: {message}', file=sys.stderr, flush=True)
     sys.exit(1)

@@ -29,6 +29,36 @@ def schedule_from_config(config):
   return schedules_lib.get_schedule(d.schedule)  # raises the ValueError naming the choices
 
 
+def resolve(config, example_shape: tuple, num_classes: int) -> ml_collections.ConfigDict:
+  """A copy of ``config`` with the data's shape filled in (the caller's copy is not changed).
+
+  ``example_shape``: one example of the data, (H, W, C) or (window, C); ``num_classes``: how
+  many labels the data has (0: none). data.image_size / data.channels left at 0 are taken from
+  the data; other values must agree with it.
+  """
+  resolved = ml_collections.ConfigDict(config.to_dict())
+  data = resolved.data
+  if is_series(resolved):
+    data.channels = example_shape[-1]
+    return resolved
+  height, width, channels = example_shape
+  if height != width:
+    raise ValueError(f'images are {height}x{width}; the model takes square images')
+  for field, actual in (('image_size', height), ('channels', channels)):
+    wanted = data[field]
+    if wanted and wanted != actual:
+      raise ValueError(f'data.{field}={wanted} but the {data.name} data has {field} {actual}; '
+                       f'set --config.data.{field}={actual} (or 0 to take it from the data)')
+    data[field] = actual
+  if resolved.model.num_classes and not num_classes:
+    raise ValueError(f'model.num_classes={resolved.model.num_classes} but the {data.name} data '
+                     'has no labels; set --config.model.num_classes=0')
+  if resolved.model.num_classes and num_classes > resolved.model.num_classes:
+    raise ValueError(f'the {data.name} data has {num_classes} classes but '
+                     f'model.num_classes={resolved.model.num_classes}')
+  return resolved
+
+
 def is_series(config) -> bool:
   return config.data.name == SERIES
 

@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import config_lib, diffusion, sampling, sharding, train_state
-from ddpm_jax.checkpointing import Checkpointer
-from ddpm_jax.models import create_model
+from ddpm_jax.checkpointing import Checkpointer, DamagedCheckpoint
+from ddpm_jax.errors import CheckpointError
+from ddpm_jax.models import create_model, model_apply
 
 
 def to_data_space(x, config, data_stats: Optional[dict] = None):
@@ -50,7 +51,7 @@ def resolve_method(config, schedule, method: Optional[str], num_steps: Optional[
 
 def guided_model_fn(model, params, labels, guidance_scale: float):
   """model_fn(x_t, t) with classifier-free guidance: out = null + w (cond - null)."""
-  apply = lambda x, t, y: train_state.model_apply(model, params, x, t, y)
+  apply = lambda x, t, y: model_apply(model, params, x, t, y)
   if labels is None or not model.num_classes:
     return lambda x, t: apply(x, t, None)
   null = jnp.full_like(labels, model.num_classes)
@@ -133,26 +134,40 @@ def load_sampler(path, step: Optional[int] = None):
   """Loads the EMA parameters of a training run and a jitted sample_fn for them.
 
   ``path``: the workdir, ``<workdir>/checkpoints`` or one ``<workdir>/checkpoints/<step>``.
-  Returns ``(sample_fn, ema_params)``; ``sample_fn.config``, ``.model``, ``.step`` and
-  ``.data_stats`` describe what was loaded.
+  Without a step, the newest checkpoint that restores is used (a damaged newer one is reported
+  and skipped; nothing is renamed). The parameters are placed on every local device (on every
+  device of every process in a multi-process run), whatever topology wrote them. Returns
+  ``(sample_fn, ema_params)``; ``sample_fn.config``, ``.model``, ``.step`` and ``.data_stats``
+  describe what was loaded.
   """
   workdir, path_step = resolve_checkpoint(path)
   config = config_lib.read_workdir_config(workdir)
   model = create_model(config)
-  tx = train_state.make_optimizer(config.optim)
-  schedule = config_lib.schedule_from_config(config)
-  init = train_state.initial_state_fn(config, model, tx, schedule, config_lib.data_shape(config))
-  abstract = jax.eval_shape(init)
+  abstract = train_state.abstract_state(config, model)
+  replicated = sharding.replicated(sharding.make_mesh())
   checkpointer = Checkpointer(workdir / 'checkpoints', read_only=True)
-  steps = checkpointer.all_steps()
-  wanted = step if step is not None else path_step
-  if not steps:
-    raise FileNotFoundError(f'{workdir / "checkpoints"} holds no complete checkpoint')
-  if wanted is not None and wanted not in steps:
-    raise FileNotFoundError(f'no complete checkpoint {wanted} in {workdir / "checkpoints"} '
-                            f'(complete: {steps})')
-  restored = checkpointer.restore(wanted if wanted is not None else steps[-1], abstract)
-  checkpointer.close()
+  try:
+    steps = checkpointer.all_steps()
+    wanted = step if step is not None else path_step
+    if not steps:
+      raise FileNotFoundError(f'{workdir / "checkpoints"} holds no complete checkpoint')
+    if wanted is not None and wanted not in steps:
+      raise FileNotFoundError(f'no complete checkpoint {wanted} in {workdir / "checkpoints"} '
+                              f'(complete: {steps})')
+    if wanted is not None:
+      try:
+        restored = checkpointer.restore(wanted, abstract, replicated)
+      except DamagedCheckpoint as damage:
+        raise CheckpointError(f'checkpoint {wanted} in {workdir / "checkpoints"} is damaged '
+                              f'({damage}); pass the workdir to use the newest one that '
+                              f'restores') from None
+    else:
+      restored = checkpointer.restore_latest(abstract, replicated)
+      if restored is None:
+        raise CheckpointError(f'none of the checkpoints {steps} in {workdir / "checkpoints"} '
+                              f'restores: all are damaged')
+  finally:
+    checkpointer.close()
   data_stats = restored.extras.get('data_stats')
   sample_fn = make_sample_fn(model, config, data_stats)
   sample_fn.config, sample_fn.model, sample_fn.step = config, model, restored.step
@@ -170,5 +185,6 @@ def sample_in_batches(sample_fn, params, key, num_samples: int, batch_size: int,
     call_kwargs = dict(kwargs)
     if labels is not None:
       call_kwargs['labels'] = jnp.asarray(labels)[start:start + n]
-    outputs.append(np.asarray(sample_fn(params, jax.random.fold_in(key, i), n, **call_kwargs)))
+    outputs.append(sharding.to_host(sample_fn(params, jax.random.fold_in(key, i), n,
+                                                **call_kwargs)))
   return np.concatenate(outputs)

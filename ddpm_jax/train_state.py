@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ddpm_jax import losses
+from ddpm_jax import config_lib, losses
 from ddpm_jax import schedules as schedules_lib
+from ddpm_jax.models import model_apply
 
 # Random draws for the global batch do not depend on how it is sharded.
 jax.config.update('jax_threefry_partitionable', True)
@@ -34,12 +35,6 @@ def make_optimizer(optim) -> optax.GradientTransformation:
       if optim.warmup_steps > 0 else optim.learning_rate
   return optax.chain(optax.clip_by_global_norm(optim.grad_clip),
                      optax.adam(learning_rate, b1=optim.b1, b2=optim.b2, eps=optim.eps))
-
-
-def model_apply(model, params, x_t, t, labels=None, train=False, dropout_key=None):
-  """The network's output for x_t [B, ...] at t [B]."""
-  rngs = {'dropout': dropout_key} if dropout_key is not None else None
-  return model.apply({'params': params}, x_t, t, labels, train=train, rngs=rngs)
 
 
 def run_keys(seed: int):
@@ -74,6 +69,17 @@ def initial_state_fn(config, model, tx, schedule, example_shape):
   return lambda: create_train_state(model, tx, config.training.seed, example_shape, loss_history)
 
 
+def abstract_state(config, model):
+  """The train state's shapes and dtypes (no arrays, no sharding): what a restore fills in.
+
+  ``config`` is a resolved config (the data fields filled in, as in a workdir's config.json).
+  """
+  tx = make_optimizer(config.optim)
+  schedule = config_lib.schedule_from_config(config)
+  init = initial_state_fn(config, model, tx, schedule, config_lib.data_shape(config))
+  return jax.eval_shape(init)
+
+
 def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
@@ -82,6 +88,9 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, target: s
                weighting: str, min_snr_gamma: float, ema_decay: float, random_flip: bool,
                label_dropout: float):
   """One update from a global batch {'x': [B, ...], 'label': [B]}; returns (state, metrics).
+
+  An optional ``batch['stop']`` (int32 [B]) comes back as ``metrics['stop']``, its maximum: how
+  the processes of a run agree to stop at the same step.
 
   A non-finite loss or gradient leaves params, optimiser state and EMA unchanged and is counted.
   """
@@ -122,6 +131,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, target: s
       nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
   )
   metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'finite': finite}
+  if 'stop' in batch:  # int32 [B]: each process's stop vote in its rows (see trainer)
+    metrics['stop'] = jnp.max(batch['stop'])
   return state, metrics
 
 

@@ -6,7 +6,6 @@ workdir resumes from the newest complete checkpoint, with the data iterator wher
 
 from __future__ import annotations
 
-import json
 import math
 import pathlib
 import signal
@@ -17,45 +16,11 @@ import time
 import jax
 import numpy as np
 
-from ddpm_jax import (config_lib, images, inference, input_pipeline, sharding, train_state)
+from ddpm_jax import (config_lib, images, inference, input_pipeline, run_log, sharding,
+                      timeseries, train_state)
 from ddpm_jax.checkpointing import Checkpointer
+from ddpm_jax.errors import Interrupted, TrainingError
 from ddpm_jax.models import create_model
-
-
-class TrainingError(RuntimeError):
-  """The run cannot go on (diverged, or a checkpoint could not be written)."""
-
-
-class Interrupted(Exception):
-  """SIGTERM or SIGINT arrived; the state was saved."""
-
-  def __init__(self, signum: int, step: int):
-    super().__init__(f'stopped by {signal.Signals(signum).name} at step {step}; checkpoint {step} '
-                     f'saved; run the same command to resume')
-    self.signum = signum
-
-
-def resolve_data_fields(config, info: input_pipeline.DataInfo) -> None:
-  """Fills data.image_size / data.channels left at 0 from the data; rejects ones that disagree."""
-  data = config.data
-  if config_lib.is_series(config):
-    data.channels = info.shape[-1]
-    return
-  height, width, channels = info.shape
-  if height != width:
-    raise ValueError(f'images are {height}x{width}; the model takes square images')
-  for field, actual in (('image_size', height), ('channels', channels)):
-    wanted = data[field]
-    if wanted and wanted != actual:
-      raise ValueError(f'data.{field}={wanted} but the {data.name} data has {field} {actual}; '
-                       f'set --config.data.{field}={actual} (or 0 to take it from the data)')
-    data[field] = actual
-  if config.model.num_classes and not info.num_classes:
-    raise ValueError(f'model.num_classes={config.model.num_classes} but the {data.name} data has '
-                     'no labels; set --config.model.num_classes=0')
-  if config.model.num_classes and info.num_classes > config.model.num_classes:
-    raise ValueError(f'the {data.name} data has {info.num_classes} classes but '
-                     f'model.num_classes={config.model.num_classes}')
 
 
 def prepare_workdir(workdir: pathlib.Path, config) -> None:
@@ -68,7 +33,8 @@ def prepare_workdir(workdir: pathlib.Path, config) -> None:
     if diffs:
       raise ValueError(f'{workdir} holds checkpoints of another config ({"; ".join(diffs)}); '
                        f'use a new --workdir or the original settings')
-  if jax.process_index() == 0:
+  sharding.barrier('config_checked')  # nobody reads config.json while process 0 writes it
+  if sharding.is_main_process():
     path.write_text(config_lib.to_json(config))
 
 
@@ -122,99 +88,125 @@ class SignalFlag:
       signal.signal(signum, handler)
 
 
-def _append_metrics(workdir: pathlib.Path, record: dict) -> None:
-  with open(workdir / 'metrics.jsonl', 'a') as f:
-    f.write(json.dumps(record) + '\n')
-
-
-def plot_loss_curve(workdir: pathlib.Path) -> None:
-  """<workdir>/loss.png from metrics.jsonl (log scale)."""
-  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()
-             if line.strip()]
-  steps = [r['step'] for r in records if 'loss' in r]
-  loss = [r['loss'] for r in records if 'loss' in r]
-  images.plot_lines([{'title': 'training loss (log scale) vs step',
-                      'lines': [(steps, loss, 0)], 'log_y': True}], workdir / 'loss.png',
-                    panel_height=240)
-
-
 def write_samples(sample_fn, params, key, config, data_stats, path: pathlib.Path) -> None:
-  """A PNG grid of samples (images) or a plot of generated windows (series)."""
-  num = config.training.num_sample_images
-  samples = np.asarray(sample_fn(params, key, num))
+  """A PNG grid of samples (images) or a plot of generated windows (series).
+
+  Every process computes (the sampler is one jitted computation over all devices); process 0
+  gathers the result and writes it.
+  """
+  samples = sharding.to_host(sample_fn(params, key, config.training.num_sample_images))
+  if not sharding.is_main_process():
+    return
   if config_lib.is_series(config):
-    from ddpm_jax import timeseries
     timeseries.plot_windows(samples[:4], None, path, (data_stats or {}).get('columns'))
   else:
     images.save_grid(np.round(samples * 255).astype(np.uint8), path)
 
 
+def check_data_order(saved: dict, config, step: int) -> None:
+  """The saved data position counts global batches of one size and seed: resuming with another
+  would silently change which examples come next."""
+  for field in ('batch_size', 'seed'):
+    was, now = saved.get(field), config.training[field]
+    if was is not None and was != now:
+      raise ValueError(f'checkpoint {step} was written with training.{field}={was} and its data '
+                       f'position counts batches of that run; resume with '
+                       f'--config.training.{field}={was} (any device or process count that '
+                       f'divides the batch works) or use a new --workdir')
+
+
+def _library_log(workdir: pathlib.Path) -> pathlib.Path:
+  index = jax.process_index()
+  return workdir / (run_log.LIBRARY_LOG if index == 0 else f'train.process{index}.log')
+
+
 def train_and_evaluate(config, workdir) -> train_state.TrainState:
-  """Trains (or resumes) the run that ``config`` describes in ``workdir``; returns the final state."""
+  """Trains (or resumes) the run that ``config`` describes in ``workdir``; returns the final state.
+
+  ``config`` is not changed: the run uses a resolved copy (the data's shape filled in), which
+  it writes to ``<workdir>/config.json``.
+  """
   if not workdir:
     raise ValueError('--workdir is required: the folder for checkpoints, samples and metrics')
   workdir = pathlib.Path(workdir).expanduser()
-  sharding.maybe_initialize_distributed()
-  training = config.training
+  sharding.initialize_distributed()
   mesh = sharding.make_mesh()
-  sharding.check_global_batch(training.batch_size, mesh)
+  sharding.check_global_batch(config.training.batch_size, mesh)
 
   # Everything that can be wrong with the input is found before anything compiles.
-  source = input_pipeline.create_source(config.data, seed=training.seed)
+  source = input_pipeline.create_source(config.data, seed=config.training.seed)
   info = source.info()
-  resolve_data_fields(config, info)
+  config = config_lib.resolve(config, info.shape, info.num_classes)
   model = create_model(config)
   example_shape = config_lib.data_shape(config)
   model.check_input((1,) + tuple(example_shape))
   schedule = config_lib.schedule_from_config(config)
   tx = train_state.make_optimizer(config.optim)
   init = train_state.initial_state_fn(config, model, tx, schedule, example_shape)
-  data_iter = input_pipeline.make_iterator(source, training.batch_size, training.seed)
+  data_iter = input_pipeline.make_iterator(source, config.training.batch_size,
+                                           config.training.seed)
   prepare_workdir(workdir, config)
+  with run_log.LibraryLogToFile(_library_log(workdir)):
+    return _train(config, workdir, mesh, model, tx, schedule, init, data_iter, info.stats)
 
+
+def _train(config, workdir, mesh, model, tx, schedule, init, data_iter, data_stats):
+  training = config.training
+  main = sharding.is_main_process()
   replicated = sharding.replicated(mesh)
-  shapes = jax.eval_shape(init)
-  state_sharding = jax.tree.map(lambda _: replicated, shapes)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                          shapes)
+  batch_sharding = sharding.batch_sharding(mesh)
+  state_sharding = jax.tree.map(lambda _: replicated, jax.eval_shape(init))
   checkpointer = Checkpointer(workdir / 'checkpoints', training.keep_checkpoints)
   flag = SignalFlag()
-  progress = None
+  progress = metrics_log = None
   try:
-    restored = checkpointer.restore_latest(abstract)
+    restored = checkpointer.restore_latest(jax.eval_shape(init), replicated)
     if restored is None:
       state = jax.jit(init, out_shardings=state_sharding)()
     else:
+      check_data_order(restored.extras.get('data_order', {}), config, restored.step)
       state = restored.state
       if restored.data_iter is not None:
         data_iter.set_state(restored.data_iter)
-      print(f'resuming {workdir} from checkpoint {restored.step}', flush=True)
-    data_stats = info.stats
-    extras = {'data_stats': data_stats} if data_stats else {}
+      if main:
+        print(f'resuming {workdir} from checkpoint {restored.step}', flush=True)
+    extras = {'data_order': {'batch_size': training.batch_size, 'seed': training.seed}}
+    if data_stats:
+      extras['data_stats'] = data_stats
     step_fn = train_state.make_train_step(config, model, tx, schedule, state_sharding,
-                                          sharding.batch_sharding(mesh), replicated)
+                                          batch_sharding, replicated)
     sample_fn = inference.make_sample_fn(model, config, data_stats)
     sample_key = train_state.run_keys(training.seed)[2]
 
     step = int(state.step)
-    progress = Progress(step, training.num_steps, training.batch_size)
-    print(f'training {workdir} from step {step} to {training.num_steps} on {jax.device_count()} '
-          f'{jax.devices()[0].platform} device(s); compiling the train step...', flush=True)
+    metrics_log = run_log.MetricsLog(workdir, step, write=main)
+    progress = Progress(step, training.num_steps, training.batch_size) if main else None
+    if main:
+      print(f'training {workdir} from step {step} to {training.num_steps} on '
+            f'{jax.device_count()} {jax.devices()[0].platform} device(s) in '
+            f'{jax.process_count()} process(es); compiling the train step...', flush=True)
     compile_start, compiled = time.time(), False
+    previous_vote = None  # the agreed stop vote of the step before, read one step late
     while step < training.num_steps:
-      batch = sharding.to_global(next(data_iter), sharding.batch_sharding(mesh))
-      state, metrics = step_fn(state, batch)
+      batch = next(data_iter)
+      # Each process votes in its own rows; the step returns the maximum, so every process sees
+      # a SIGTERM / SIGINT that reached any one of them, and at the same step.
+      batch['stop'] = np.full(len(batch['x']), flag.signum or 0, np.int32)
+      state, metrics = step_fn(state, sharding.to_global(batch, batch_sharding))
       step += 1
+      stop_signum = int(previous_vote) if previous_vote is not None else 0
+      previous_vote = metrics['stop']
       if not compiled:
         jax.block_until_ready(state)
         first_step_s = round(time.time() - compile_start, 3)
-        print(f'step {step}: compiled and ran the first step in {first_step_s} s', flush=True)
-        if jax.process_index() == 0:
-          _append_metrics(workdir, {'step': step, 'compile_and_first_step_s': first_step_s})
+        if main:
+          print(f'step {step}: compiled and ran the first step in {first_step_s} s', flush=True)
+        metrics_log.append({'step': step, 'compile_and_first_step_s': first_step_s})
         compiled = True  # rates and ETA count from here, without compilation
-        progress.start_step, progress.start_time = step, time.time()
+        if progress is not None:
+          progress.start_step, progress.start_time = step, time.time()
       checkpoint_now = step % training.checkpoint_every == 0 or step == training.num_steps
-      if step % training.log_every == 0 or checkpoint_now or flag.signum:
+      if step % training.log_every == 0 or checkpoint_now or stop_signum:
         record = {'step': step, 'loss': float(metrics['loss']),
                   'grad_norm': float(metrics['grad_norm']),
                   'nonfinite_total': int(state.nonfinite_total), 'time': round(time.time(), 3)}
@@ -226,23 +218,24 @@ def train_and_evaluate(config, workdir) -> train_state.TrainState:
               f'{step - streak + 1}..{step}, all skipped); stopping. '
               f'{f"Checkpoint {good[-1]} is intact" if good else "No checkpoint was written"}; '
               f'lower optim.learning_rate or check the data for NaNs')
-        if jax.process_index() == 0:
-          _append_metrics(workdir, record)
-          plot_loss_curve(workdir)
-        progress.update(step, record)
-      if checkpoint_now or flag.signum:
+        metrics_log.append(record)
+        if progress is not None:
+          progress.update(step, record)
+      if checkpoint_now or stop_signum:
         checkpointer.save(step, state, data_iter.get_state(), extras)
-      if (step % training.sample_every == 0 or step == training.num_steps) and \
-          jax.process_index() == 0:
+        metrics_log.plot()
+      if step % training.sample_every == 0 or step == training.num_steps:
         write_samples(sample_fn, state.ema_params, jax.random.fold_in(sample_key, step), config,
                       data_stats, workdir / 'samples' / f'step_{step:07d}.png')
-      if flag.signum:
+      if stop_signum:
         checkpointer.wait()
-        raise Interrupted(flag.signum, step)
+        raise Interrupted(stop_signum, step, here=flag.signum is not None)
     checkpointer.wait()
     return state
   finally:
     if progress is not None:
       progress.close()
+    if metrics_log is not None:
+      metrics_log.close()
     flag.restore()
     checkpointer.close()  # every exit path waits for the pending save

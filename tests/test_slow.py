@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import config_lib, train_state
+from ddpm_jax import config_lib, sharding, train_state
 from ddpm_jax.checkpointing import Checkpointer
 from ddpm_jax.models import create_model
 from tests.helpers import REPO_ROOT
@@ -32,11 +32,10 @@ def _start(workdir):
 def _final_state(workdir):
   config = config_lib.read_workdir_config(workdir)
   model = create_model(config)
-  tx = train_state.make_optimizer(config.optim)
-  init = train_state.initial_state_fn(config, model, tx, config_lib.schedule_from_config(config),
-                                      config_lib.data_shape(config))
   checkpointer = Checkpointer(workdir / 'checkpoints', read_only=True)
-  restored = checkpointer.restore(checkpointer.all_steps()[-1], jax.eval_shape(init))
+  restored = checkpointer.restore(checkpointer.all_steps()[-1],
+                                  train_state.abstract_state(config, model),
+                                  sharding.replicated(sharding.make_mesh()))
   return restored.step, restored.state
 
 

@@ -119,8 +119,9 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
       f.write_bytes(b'\0' * f.stat().st_size)  # damage every data file
   config.training.num_steps = 6
   state = trainer.train_and_evaluate(config, tmp_path / 'run')
-  out = capsys.readouterr().out
-  assert 'checkpoint 4 does not restore' in out and 'resuming' in out and 'checkpoint 2' in out
+  captured = capsys.readouterr()
+  assert 'checkpoint 4 is damaged' in captured.err and 'set it aside' in captured.err
+  assert f'resuming {tmp_path / "run"} from checkpoint 2' in captured.out
   assert int(state.step) == 6
   assert (tmp_path / 'run' / 'checkpoints' / '4.damaged').is_dir()
 
@@ -191,7 +192,8 @@ def test_bad_input_gives_one_line(tmp_path, args, message):
 
 
 def test_failed_checkpoint_write_is_one_clear_error(tmp_path, monkeypatch):
-  from ddpm_jax.checkpointing import CheckpointError, Checkpointer
+  from ddpm_jax.checkpointing import Checkpointer
+  from ddpm_jax.errors import CheckpointError
   config = tiny_config()
   model = create_model(_with_channels(config))
   tx = train_state.make_optimizer(config.optim)
@@ -211,7 +213,8 @@ def test_failed_checkpoint_write_is_one_clear_error(tmp_path, monkeypatch):
     checkpointer.wait()
   monkeypatch.undo()
   assert checkpointer.all_steps()[0] == 1
-  checkpointer.restore(1, jax.eval_shape(lambda: state))  # the previous one still restores
+  # the previous one still restores
+  checkpointer.restore(1, jax.eval_shape(lambda: state), jax.sharding.SingleDeviceSharding(jax.devices()[0]))
 
 
 def test_sigterm_saves_then_exits(tmp_path):

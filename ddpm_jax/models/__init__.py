@@ -33,4 +33,10 @@ def create_model(config) -> UNet:
   )
 
 
-__all__ = ['UNet', 'create_model']
+def model_apply(model, params, x_t, t, labels=None, train=False, dropout_key=None):
+  """The network's output for x_t [B, ...] at t [B] (labels [B] for a class-conditional model)."""
+  rngs = {'dropout': dropout_key} if dropout_key is not None else None
+  return model.apply({'params': params}, x_t, t, labels, train=train, rngs=rngs)
+
+
+__all__ = ['UNet', 'create_model', 'model_apply']
