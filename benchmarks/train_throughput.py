@@ -3,6 +3,11 @@
   python benchmarks/train_throughput.py --config=configs/cifar10.py --steps=20
   python benchmarks/train_throughput.py --config=configs/digits.py --steps=200
 
+Several processes: start one per process with the launch variables train.py takes, e.g. on one
+machine with two processes of one CPU device each:
+  for i in 0 1; do JAX_COORDINATOR_ADDRESS=127.0.0.1:12345 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=$i \
+    python benchmarks/train_throughput.py --config=configs/digits.py --steps=300 & done; wait
+
 Uses data.name=synthetic (uint8 noise of the config's image shape), the real jitted train step
 with its sharding over every local device, and prints a Markdown table row that is also
 appended to benchmarks/results/train_throughput.md.
@@ -30,6 +35,7 @@ def main(argv):
   import jax
   from ddpm_jax import config_lib, input_pipeline, sharding, train_state
   from ddpm_jax.models import create_model
+  sharding.initialize_distributed()
   config = flags.FLAGS.config
   config_name = pathlib.Path(config_flags.get_config_filename(flags.FLAGS['config'])).name
   if not config.data.image_size or not config.data.channels:  # shape from the config's own data
@@ -67,7 +73,8 @@ def main(argv):
   elapsed = time.time() - start
   steps_per_s = flags.FLAGS.steps / elapsed
   device = jax.devices()[0]
-  device_name = f'{jax.device_count()}x {device.device_kind}' + \
+  device_name = f'{jax.process_count()} process(es) x {jax.local_device_count()} ' \
+      f'{device.device_kind}' + \
       (f' ({platform.processor() or platform.machine()}, {__import__("os").cpu_count()} cores)'
        if device.platform == 'cpu' else '')
   row = (f'| {config_name} | {num_params / 1e6:.2f}M | '
@@ -75,6 +82,8 @@ def main(argv):
          f'{steps_per_s:.3f} | {steps_per_s * config.training.batch_size:.1f} |')
   header = ('| config | params | batch | device | compile + first step (s) | timed steps | '
             'steps/s | images/s |\n|---|---|---|---|---|---|---|---|')
+  if not sharding.is_main_process():
+    return
   print(header)
   print(row)
   results = pathlib.Path(flags.FLAGS.results)

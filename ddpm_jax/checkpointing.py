@@ -16,6 +16,8 @@ A checkpoint that fails to restore is one of two things, told apart before anyth
 
 from __future__ import annotations
 
+import contextlib
+import logging as python_logging
 import os
 import pathlib
 import sys
@@ -23,7 +25,6 @@ from typing import NamedTuple, Optional
 
 import jax
 import orbax.checkpoint as ocp
-from absl import logging
 
 from ddpm_jax import sharding
 from ddpm_jax.errors import CheckpointError
@@ -45,6 +46,18 @@ _NOT_DAMAGE = ('Topology mismatch', 'RESOURCE_EXHAUSTED', 'Permission denied', '
                'out of memory')
 
 
+@contextlib.contextmanager
+def _library_errors_quiet():
+  """orbax logs an ERROR for each unreadable metadata file; the caller reports the damage in
+  one line of its own."""
+  previous = python_logging.root.manager.disable
+  python_logging.disable(python_logging.ERROR)
+  try:
+    yield
+  finally:
+    python_logging.disable(previous)
+
+
 def _savable(state):
   """Typed PRNG keys are stored as their raw uint32 data."""
   return state.replace(key=jax.random.key_data(state.key))
@@ -57,8 +70,13 @@ def _restore_target(abstract_state, target_sharding):
                       savable)
 
 
-def _first_line(error: BaseException) -> str:
-  return (str(error).splitlines() or [type(error).__name__])[0][:300]
+def _first_line(error: BaseException, limit: int = 300) -> str:
+  """The error's first line; a long one keeps its head and its tail, where orbax puts the cause
+  (e.g. '... Failed to write 3891200 bytes to file 4: File too large')."""
+  line = (str(error).splitlines() or [type(error).__name__])[0]
+  if len(line) <= limit:
+    return line
+  return f'{line[:limit // 3]} ... {line[-(2 * limit) // 3:]}'
 
 
 def _path_names(path) -> tuple:
@@ -94,7 +112,9 @@ class Checkpointer:
     # Handlers named up front, so a fresh manager can read an item's metadata before a restore.
     handlers = dict(state=ocp.StandardCheckpointHandler(), extras=ocp.JsonCheckpointHandler(),
                     data_iter=ocp.JsonCheckpointHandler())
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    with _library_errors_quiet():  # it reads every step's metadata; restore reports damage
+      self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                           item_handlers=handlers)
     self._pending_step = None
 
   def all_steps(self) -> list[int]:
@@ -147,7 +167,8 @@ class Checkpointer:
     """Damaged when the metadata cannot be read; a CheckpointError when it describes arrays of
     other shapes (another model), so a config mismatch is never taken for damage."""
     try:
-      metadata = self.manager.item_metadata(step)['state']
+      with _library_errors_quiet():
+        metadata = self.manager.item_metadata(step)['state']
       saved = _leaf_shapes(getattr(metadata, 'tree', metadata))
     except Exception as error:  # missing or truncated metadata files, in many error types
       raise DamagedCheckpoint(f'{type(error).__name__}: {_first_line(error)}') from None
@@ -201,7 +222,6 @@ class Checkpointer:
         aside = self.directory / f'{step}.damaged'
         action = 'skipped it' if self.read_only else f'set it aside as {aside}'
         message = f'checkpoint {step} is damaged ({damage}); {action} and trying the previous one'
-        logging.warning('%s in %s', message, self.directory)
         if sharding.is_main_process():
           print(f'warning: {message}', file=sys.stderr, flush=True)
         if self.read_only:
@@ -210,5 +230,6 @@ class Checkpointer:
         if sharding.is_main_process():
           (self.directory / str(step)).rename(aside)
         sharding.barrier(f'checkpoint_{step}_set_aside')  # renamed before anyone reloads
-        self.manager.reload()
+        with _library_errors_quiet():
+          self.manager.reload()
     return None

@@ -92,6 +92,19 @@ def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
   assert 'step 4/4' not in outputs[1][0]  # only process 0 prints progress
   records = (tmp_path / 'two' / 'metrics.jsonl').read_text().splitlines()
   assert len(records) == len(set(records))  # appended once, not once per process
+  # A damaged newest checkpoint: process 0 sets it aside between barriers, both go on from 2.
+  for f in (tmp_path / 'two' / 'checkpoints' / '4').rglob('*'):
+    if f.is_file():
+      f.write_bytes(b'')
+  processes = _start_processes(2, ['--config.training.num_steps=6', '--config.training.sample_every=100',
+                                   f'--workdir={tmp_path / "two"}'])
+  outputs = [p.communicate(timeout=300) for p in processes]
+  for p, (out, err) in zip(processes, outputs):
+    assert p.returncode == 0, err[-3000:]
+  assert 'checkpoint 4 is damaged' in outputs[0][1]
+  assert f'resuming {tmp_path / "two"} from checkpoint 2' in outputs[0][0]
+  assert (tmp_path / 'two' / 'checkpoints' / '4.damaged').is_dir()
+  assert _final_state(tmp_path / 'two')[0] == 6
 
 
 def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path):

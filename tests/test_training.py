@@ -237,3 +237,67 @@ def test_sigterm_saves_then_exits(tmp_path):
   assert len(message) == 1 and 'stopped by SIGTERM at step' in message[0]
   step = int(message[0].split('at step ')[1].split(';')[0])
   assert step >= 5 and (tmp_path / 'checkpoints' / str(step)).is_dir()
+
+
+def _two_checkpoints(tmp_path):
+  path = tmp_path / 'd.npz'
+  np.savez(path, images=np.random.default_rng(0).integers(0, 255, (16, 8, 8, 1), dtype=np.uint8))
+  config = tiny_config(name='images', path=str(path))
+  trainer.train_and_evaluate(config, tmp_path / 'run')
+  return config, tmp_path / 'run' / 'checkpoints'
+
+
+def _truncate_every_file(folder):
+  for f in folder.rglob('*'):
+    if f.is_file():
+      f.write_bytes(b'')
+
+
+def test_truncated_newest_checkpoint_reader_warns_and_renames_nothing_trainer_sets_it_aside(
+    tmp_path, capsys):
+  config, checkpoints = _two_checkpoints(tmp_path)
+  _truncate_every_file(checkpoints / '4')
+  capsys.readouterr()
+  # A reader (load_sampler, sample.py) uses checkpoint 2 and changes no files.
+  sample_fn, _ = inference.load_sampler(tmp_path / 'run')
+  assert sample_fn.step == 2
+  err = capsys.readouterr().err
+  assert 'checkpoint 4 is damaged' in err and 'skipped it' in err
+  assert sorted(p.name for p in checkpoints.iterdir()) == ['2', '4']
+  # Asked for by step, the damaged one is a one-line error.
+  from ddpm_jax.errors import CheckpointError
+  with pytest.raises(CheckpointError, match='checkpoint 4 in .* is damaged'):
+    inference.load_sampler(checkpoints / '4')
+  # The trainer sets it aside and goes on from checkpoint 2.
+  config.training.num_steps = 6
+  state = trainer.train_and_evaluate(config, tmp_path / 'run')
+  assert int(state.step) == 6
+  assert (checkpoints / '4.damaged').is_dir()
+  # metrics.jsonl: the steps redone after the fallback are not logged twice.
+  records = [json.loads(l) for l in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in records if 'loss' in r] == [2, 4, 6]
+
+
+def test_checkpoint_of_another_model_is_an_error_and_is_not_renamed(tmp_path):
+  from ddpm_jax import config_lib, sharding
+  from ddpm_jax.checkpointing import Checkpointer
+  from ddpm_jax.errors import CheckpointError
+  config, checkpoints = _two_checkpoints(tmp_path)
+  other = config_lib.read_workdir_config(tmp_path / 'run')
+  other.model.ch = 24
+  checkpointer = Checkpointer(checkpoints)
+  abstract = train_state.abstract_state(other, create_model(other))
+  with pytest.raises(CheckpointError, match=r'checkpoint 4 .* holds other arrays than this '
+                                            r"config's model .*use the config it was written"):
+    checkpointer.restore_latest(abstract, sharding.replicated(sharding.make_mesh()))
+  checkpointer.close()
+  assert sorted(p.name for p in checkpoints.iterdir()) == ['2', '4']
+
+
+def test_config_is_not_changed_by_training(tmp_path):
+  config = tiny_config(name='digits')
+  config.training.num_steps = 1
+  before = config.to_json()
+  trainer.train_and_evaluate(config, tmp_path)
+  assert config.to_json() == before  # the run's resolved copy went to config.json
+  assert json.loads((tmp_path / 'config.json').read_text())['data']['image_size'] == 8
