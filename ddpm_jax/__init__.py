@@ -2,8 +2,9 @@
 
 Public names: ``schedules`` (linear, cosine, from_betas, vp_linear, vp_cosine), ``sampling``,
 ``q_sample``, ``q_posterior``, ``convert_prediction``, ``diffusion_loss``, ``load_sampler``,
-``make_sample_fn`` and ``LazyWindows``. They are imported on first use, so that
-``import ddpm_jax.timeseries`` (say) does not pull in Flax and orbax.
+``make_sample_fn``, ``LazyWindows`` and ``interop`` (the diffusers format). They are
+imported on first use, so that ``import ddpm_jax.timeseries`` (say) does not pull in Flax
+and orbax.
 """
 
 import importlib
@@ -20,6 +21,7 @@ _NAMES = {
     'load_sampler': ('ddpm_jax.inference', 'load_sampler'),
     'make_sample_fn': ('ddpm_jax.inference', 'make_sample_fn'),
     'LazyWindows': ('ddpm_jax.timeseries', 'LazyWindows'),
+    'interop': ('ddpm_jax.interop', None),
 }
 __all__ = sorted(_NAMES)
 

@@ -13,6 +13,11 @@ from ddpm_jax import schedules as schedules_lib
 CHECKPOINT_SECTIONS = ('model', 'diffusion')
 CHECKPOINT_DATA_FIELDS = ('image_size', 'channels', 'window', 'columns', 'normalization')
 SERIES = 'series'
+# Fields of those sections that only change training, not what a checkpoint holds or computes.
+TRAINING_ONLY_FIELDS = (('model', 'dropout'),)
+# Model fields added after runs were written; a config.json without them means these values.
+MODEL_FIELD_DEFAULTS = dict(flip_sin_to_cos=False, freq_shift=1.0, norm_eps=1e-6,
+                            attention_head_dim=0, downsample_padding=0)
 
 
 def schedule_from_config(config):
@@ -93,8 +98,11 @@ def checkpoint_differences(saved, current) -> list[str]:
   for section in CHECKPOINT_SECTIONS:
     keys = sorted(set(saved.get(section, {})) | set(current.get(section, {})))
     for key in keys:
-      a, b = saved.get(section, {}).get(key), current.get(section, {}).get(key)
-      if a != b:
+      # A field one side lacks (added later) stands for its default.
+      default = MODEL_FIELD_DEFAULTS.get(key) if section == 'model' else None
+      a = saved.get(section, {}).get(key, default)
+      b = current.get(section, {}).get(key, default)
+      if a != b and (section, key) not in TRAINING_ONLY_FIELDS:
         diffs.append(f'{section}.{key}: {a!r} in the workdir, {b!r} now')
   for key in CHECKPOINT_DATA_FIELDS:
     a, b = saved.get('data', {}).get(key), current.get('data', {}).get(key)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from ddpm_jax.config_lib import MODEL_FIELD_DEFAULTS
 from ddpm_jax.models.unet import UNet
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -30,6 +31,8 @@ def create_model(config) -> UNet:
       spatial_dims=model.spatial_dims,
       time_scale=1000.0 if continuous else 1.0,
       dtype=DTYPES[model.dtype],
+      **{name: type(default)(model.get(name, default))
+         for name, default in MODEL_FIELD_DEFAULTS.items()},
   )
 
 

@@ -16,12 +16,20 @@ Dtype = Any
 zeros_init = nn.initializers.zeros
 
 
-def timestep_embedding(t, dim: int, max_period: float = 10000.0):
-  """Transformer sinusoidal embedding of t [B] (integer or float) -> [B, dim] float32."""
+def timestep_embedding(t, dim: int, max_period: float = 10000.0, flip_sin_to_cos: bool = False,
+                       freq_shift: float = 1.0):
+  """Transformer sinusoidal embedding of t [B] (integer or float) -> [B, dim] float32.
+
+  Frequencies max_period ** (-i / (dim / 2 - freq_shift)); [sin, cos] ([cos, sin] when
+  ``flip_sin_to_cos``). The DDPM paper's network: freq_shift 1, no flip (diffusers' names).
+  """
   half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) /
+                  (half - freq_shift))
   args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
   emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  if flip_sin_to_cos:
+    emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
   if dim % 2:
     emb = jnp.pad(emb, ((0, 0), (0, 1)))
   return emb
@@ -35,9 +43,9 @@ def conv(features: int, spatial_dims: int, dtype: Dtype, kernel: int = 3, stride
                  name=name)
 
 
-def group_norm(num_groups: int, dtype: Dtype, name=None):
-  return nn.GroupNorm(num_groups=num_groups, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32,
-                      name=name)
+def group_norm(num_groups: int, dtype: Dtype, name=None, epsilon: float = 1e-6):
+  return nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=dtype,
+                      param_dtype=jnp.float32, name=name)
 
 
 class ResBlock(nn.Module):
@@ -48,15 +56,16 @@ class ResBlock(nn.Module):
   dropout: float = 0.0
   num_groups: int = 32
   dtype: Dtype = jnp.float32
+  norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x, temb, train: bool):
-    h = nn.silu(group_norm(self.num_groups, self.dtype, 'norm1')(x))
+    h = nn.silu(group_norm(self.num_groups, self.dtype, 'norm1', self.norm_eps)(x))
     h = conv(self.out_ch, self.spatial_dims, self.dtype, name='conv1')(h)
     t_proj = nn.Dense(self.out_ch, dtype=self.dtype, param_dtype=jnp.float32,
                       name='temb_proj')(nn.silu(temb))
     h = h + t_proj.reshape(t_proj.shape[:1] + (1,) * self.spatial_dims + t_proj.shape[1:])
-    h = nn.silu(group_norm(self.num_groups, self.dtype, 'norm2')(h))
+    h = nn.silu(group_norm(self.num_groups, self.dtype, 'norm2', self.norm_eps)(h))
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
     h = conv(self.out_ch, self.spatial_dims, self.dtype, kernel_init=zeros_init, name='conv2')(h)
     if x.shape[-1] != self.out_ch:
@@ -65,21 +74,30 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-  """Multi-head self-attention over all positions, with a residual connection."""
+  """Multi-head self-attention over all positions, with a residual connection.
+
+  ``head_dim`` > 0 fixes the width of a head (heads = channels / head_dim, diffusers'
+  attention_head_dim); otherwise ``num_heads`` heads share the channels.
+  """
   num_heads: int = 1
   num_groups: int = 32
   dtype: Dtype = jnp.float32
+  norm_eps: float = 1e-6
+  head_dim: int = 0
 
   @nn.compact
   def __call__(self, x):
     batch, channels = x.shape[0], x.shape[-1]
-    if channels % self.num_heads:
-      raise ValueError(f'attention with {channels} channels cannot be split into '
-                       f'{self.num_heads} heads; choose num_heads dividing {channels}')
-    head_dim = channels // self.num_heads
-    h = group_norm(self.num_groups, self.dtype, 'norm')(x).reshape(batch, -1, channels)  # [B, N, C]
+    num_heads = channels // self.head_dim if self.head_dim else self.num_heads
+    if channels % num_heads or (self.head_dim and channels % self.head_dim):
+      raise ValueError(f'attention with {channels} channels cannot be split into heads of '
+                       f'{self.head_dim or "?"} channels ({self.num_heads} heads); choose a '
+                       f'head count or width dividing {channels}')
+    head_dim = channels // num_heads
+    h = group_norm(self.num_groups, self.dtype, 'norm', self.norm_eps)(x)
+    h = h.reshape(batch, -1, channels)  # [B, N, C]
     dense = lambda name, init=nn.initializers.lecun_normal(): nn.DenseGeneral(
-        (self.num_heads, head_dim), dtype=self.dtype, param_dtype=jnp.float32, kernel_init=init,
+        (num_heads, head_dim), dtype=self.dtype, param_dtype=jnp.float32, kernel_init=init,
         name=name)
     q, k, v = dense('q')(h), dense('k')(h), dense('v')(h)  # [B, N, heads, head_dim]
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / math.sqrt(head_dim)
@@ -91,13 +109,20 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-  """Halves every spatial axis with a strided 3x3 convolution."""
+  """Halves every (even) spatial axis with a strided 3x3 convolution.
+
+  ``padding`` before each axis (after: 1): 0 is the DDPM paper's (and 'SAME' for even sizes),
+  1 is diffusers' later default (``downsample_padding``).
+  """
   spatial_dims: int = 2
   dtype: Dtype = jnp.float32
+  padding: int = 0
 
   @nn.compact
   def __call__(self, x):
-    return conv(x.shape[-1], self.spatial_dims, self.dtype, stride=2, name='conv')(x)
+    return nn.Conv(x.shape[-1], (3,) * self.spatial_dims, strides=(2,) * self.spatial_dims,
+                   padding=((self.padding, 1),) * self.spatial_dims, dtype=self.dtype,
+                   param_dtype=jnp.float32, name='conv')(x)
 
 
 class Upsample(nn.Module):

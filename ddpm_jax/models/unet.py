@@ -31,6 +31,12 @@ class UNet(nn.Module):
   spatial_dims: int = 2
   time_scale: float = 1.0
   dtype: Any = jnp.float32
+  # Options of other released networks (diffusers' names); the defaults are the DDPM paper's.
+  flip_sin_to_cos: bool = False
+  freq_shift: float = 1.0
+  norm_eps: float = 1e-6
+  attention_head_dim: int = 0  # > 0: heads of this width instead of num_heads heads
+  downsample_padding: int = 0
 
   def check_input(self, x_shape, labels=None) -> None:
     """Raises ValueError when an input of x_shape [B, *spatial, C] (or labels) cannot be taken."""
@@ -65,10 +71,12 @@ class UNet(nn.Module):
     batch = x.shape[0]
     t = jnp.broadcast_to(jnp.asarray(t), (batch,))
     block = lambda out_ch: ResBlock(out_ch, self.spatial_dims, self.dropout, self.num_groups,
-                                    self.dtype)
-    attn = lambda: AttnBlock(self.num_heads, self.num_groups, self.dtype)
+                                    self.dtype, self.norm_eps)
+    attn = lambda: AttnBlock(self.num_heads, self.num_groups, self.dtype, self.norm_eps,
+                             self.attention_head_dim)
 
-    temb = timestep_embedding(t * self.time_scale, self.ch)
+    temb = timestep_embedding(t * self.time_scale, self.ch, flip_sin_to_cos=self.flip_sin_to_cos,
+                              freq_shift=self.freq_shift)
     temb = nn.Dense(4 * self.ch, dtype=self.dtype, param_dtype=jnp.float32, name='temb_dense0')(temb)
     temb = nn.Dense(4 * self.ch, dtype=self.dtype, param_dtype=jnp.float32,
                     name='temb_dense1')(nn.silu(temb))
@@ -87,7 +95,7 @@ class UNet(nn.Module):
           h = attn()(h)
         skips.append(h)
       if level != len(self.ch_mult) - 1:
-        h = Downsample(self.spatial_dims, self.dtype)(h)
+        h = Downsample(self.spatial_dims, self.dtype, self.downsample_padding)(h)
         skips.append(h)
 
     h = block(h.shape[-1])(h, temb, train)
@@ -102,7 +110,7 @@ class UNet(nn.Module):
       if level != 0:
         h = Upsample(self.spatial_dims, self.dtype)(h)
 
-    h = nn.silu(group_norm(self.num_groups, self.dtype, 'norm_out')(h))
+    h = nn.silu(group_norm(self.num_groups, self.dtype, 'norm_out', self.norm_eps)(h))
     out_channels = self.out_channels or x.shape[-1]
     h = conv(out_channels, self.spatial_dims, self.dtype, kernel_init=zeros_init, name='conv_out')(h)
     return h.astype(jnp.float32)
