@@ -7,7 +7,7 @@ import sys
 
 from absl import flags, logging
 
-from ddpm_jax import run_log
+from ddpm_jax import compilation_cache, run_log
 from ddpm_jax.errors import (CheckpointError, Interrupted, LaunchError, TrainingError)
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, TrainingError, CheckpointError,
@@ -18,10 +18,12 @@ def run(program: str, fn):
   """Calls fn(); a user-facing error becomes ``<program>: error: <one line>`` and exit code 1.
 
   Set DDPM_JAX_DEBUG=1 to see the traceback instead. Logging defaults to warnings (orbax logs
-  every save and restore at INFO); --verbosity=0 shows it.
+  every save and restore at INFO); --verbosity=0 shows it. JAX's persistent compilation cache
+  is on (see ddpm_jax.compilation_cache; DDPM_JAX_COMPILATION_CACHE=off switches it off).
   """
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
+  compilation_cache.enable()
   try:
     return fn()
   except Interrupted as stop:

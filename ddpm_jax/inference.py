@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import config_lib, diffusion, sampling, sharding, train_state
+from ddpm_jax import (compilation_cache, config_lib, diffusion, sampling, sharding,
+                      train_state)
 from ddpm_jax.checkpointing import Checkpointer, DamagedCheckpoint
 from ddpm_jax.errors import CheckpointError
 from ddpm_jax.models import create_model, model_apply
@@ -68,52 +69,101 @@ def guided_model_fn(model, params, labels, guidance_scale: float):
   return model_fn
 
 
+def progress_chunk(num_steps: int, pieces: int = 10) -> int:
+  """Steps per jitted piece when progress is reported: the largest divisor of ``num_steps``
+  that gives at least ``pieces`` pieces (so every piece has one length and one compilation)."""
+  return max(d for d in range(1, num_steps + 1) if num_steps % d == 0 and d <= max(
+      1, num_steps // pieces))
+
+
 def make_sample_fn(model, config, data_stats: Optional[dict] = None):
   """Returns ``sample_fn(params, key, num_samples, *, method=None, num_steps=None,
   eta=None, labels=None, guidance_scale=None, return_trajectory=False, progress=None)``.
 
   Unset options take ``config.sampling``'s values. The result is float samples in data space
   [num_samples, *example_shape] (images in [0, 1], series in original units), computed by one
-  jitted function (compiled once per static option set). With several
-  devices the samples are split across them. Composes with a caller's jax.jit and jax.vmap.
+  jitted function (compiled once per static option set). With several devices the samples are
+  split across them. Composes with a caller's jax.jit and jax.vmap.
+
+  ``progress(steps_done)``: the same samples, computed in about ten jitted pieces with
+  ``progress`` called on the host after each; nothing compiled holds a host callback, so JAX's
+  persistent compilation cache keeps every piece.
   """
   schedule = config_lib.schedule_from_config(config)
   example_shape = config_lib.data_shape(config)
   defaults = config.sampling
+  static = ('num_samples', 'method', 'num_steps', 'eta', 'guidance_scale')
 
-  @functools.partial(jax.jit, static_argnames=('num_samples', 'method', 'num_steps', 'eta',
-                                               'guidance_scale', 'return_trajectory', 'progress'))
-  def jitted(params, key, num_samples, *, method, num_steps, eta, labels, guidance_scale,
-             return_trajectory, progress):
+  def setup(params, key, num_samples, labels, method, num_steps, eta, guidance_scale):
+    """(model_fn, the key of the steps, x_T's shape, the sampling options)."""
     scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
     model_fn = guided_model_fn(model, params, labels, scale)
-    init_key, sample_key = jax.random.split(key)
-    shape = (num_samples,) + tuple(example_shape)
-    x_T = jax.random.normal(init_key, shape, jnp.float32)
-    if jax.device_count() > 1 and num_samples % jax.device_count() == 0:
+    options = dict(method=method, num_steps=num_steps, eta=defaults.eta if eta is None else eta,
+                   prediction=config.diffusion.target,
+                   clip_x0=defaults.clip_x0 and not config_lib.is_series(config),
+                   variance=defaults.variance, spacing=defaults.spacing)
+    return model_fn, jax.random.split(key)[1], (num_samples,) + tuple(example_shape), options
+
+  def initial_noise(key, shape):
+    x_T = jax.random.normal(jax.random.split(key)[0], shape, jnp.float32)
+    if jax.device_count() > 1 and shape[0] % jax.device_count() == 0:
       x_T = jax.lax.with_sharding_constraint(x_T, sharding.batch_sharding(sharding.make_mesh()))
-    result = sampling.sample(
-        model_fn, schedule, sample_key, shape, method=method, num_steps=num_steps,
-        eta=defaults.eta if eta is None else eta, prediction=config.diffusion.target,
-        clip_x0=defaults.clip_x0 and not config_lib.is_series(config), x_T=x_T,
-        variance=defaults.variance, spacing=defaults.spacing, return_trajectory=return_trajectory,
-        progress=progress)
+    return x_T
+
+  @functools.partial(jax.jit, static_argnames=static + ('return_trajectory',))
+  def jitted(params, key, num_samples, *, method, num_steps, eta, labels, guidance_scale,
+             return_trajectory):
+    model_fn, sample_key, shape, options = setup(params, key, num_samples, labels, method,
+                                                 num_steps, eta, guidance_scale)
+    result = sampling.sample(model_fn, schedule, sample_key, shape,
+                             x_T=initial_noise(key, shape), return_trajectory=return_trajectory,
+                             **options)
     if return_trajectory:
       x, (x_t, x0) = result
       return (to_data_space(x, config, data_stats),
               (to_data_space(x_t, config, data_stats), to_data_space(x0, config, data_stats)))
     return to_data_space(result, config, data_stats)
 
+  @functools.partial(jax.jit, static_argnames=static)
+  def start_piece(params, key, num_samples, *, method, num_steps, eta, labels, guidance_scale):
+    model_fn, sample_key, shape, options = setup(params, key, num_samples, labels, method,
+                                                 num_steps, eta, guidance_scale)
+    return sampling.sample_start(model_fn, schedule, sample_key, shape,
+                                 x_T=initial_noise(key, shape), **options)
+
+  @functools.partial(jax.jit, static_argnames=static + ('length',))
+  def steps_piece(params, key, carry, start, num_samples, *, length, method, num_steps, eta,
+                  labels, guidance_scale):
+    model_fn, sample_key, _, options = setup(params, key, num_samples, labels, method, num_steps,
+                                             eta, guidance_scale)
+    return sampling.sample_steps(model_fn, schedule, sample_key, carry, start, length, **options)
+
+  @functools.partial(jax.jit, static_argnames=static)
+  def finish_piece(params, key, carry, num_samples, *, method, num_steps, eta, labels,
+                   guidance_scale):
+    model_fn, sample_key, _, options = setup(params, key, num_samples, labels, method, num_steps,
+                                             eta, guidance_scale)
+    return to_data_space(sampling.sample_finish(model_fn, schedule, sample_key, carry, **options),
+                         config, data_stats)
+
   def sample_fn(params, key, num_samples: int, *, method: Optional[str] = None,
                 num_steps: Optional[int] = None, eta: Optional[float] = None, labels=None,
                 guidance_scale: Optional[float] = None, return_trajectory: bool = False,
                 progress=None):
-    method, num_steps, _ = resolve_method(config, schedule, method, num_steps)
+    method, num_steps, total = resolve_method(config, schedule, method, num_steps)
     # Checked here, where labels are still concrete, unless the caller's own jit traces them.
     check_labels(model, labels, num_samples)
-    return jitted(params, key, num_samples, method=method, num_steps=num_steps, eta=eta,
-                  labels=labels, guidance_scale=guidance_scale,
-                  return_trajectory=return_trajectory, progress=progress)
+    options = dict(method=method, num_steps=num_steps, eta=eta, labels=labels,
+                   guidance_scale=guidance_scale)
+    if progress is None or return_trajectory:
+      return jitted(params, key, num_samples, return_trajectory=return_trajectory, **options)
+    carry = start_piece(params, key, num_samples, **options)
+    length = progress_chunk(total)
+    for start in range(0, total, length):
+      carry = steps_piece(params, key, carry, start, num_samples, length=length, **options)
+      jax.block_until_ready(carry)
+      progress(start + length)
+    return finish_piece(params, key, carry, num_samples, **options)
 
   return sample_fn
 
@@ -138,8 +188,10 @@ def load_sampler(path, step: Optional[int] = None):
   and skipped; nothing is renamed). The parameters are placed on every local device (on every
   device of every process in a multi-process run), whatever topology wrote them. Returns
   ``(sample_fn, ema_params)``; ``sample_fn.config``, ``.model``, ``.step`` and ``.data_stats``
-  describe what was loaded.
+  describe what was loaded. Turns on JAX's persistent compilation cache
+  (``ddpm_jax.compilation_cache``) unless it is switched off.
   """
+  compilation_cache.enable()
   workdir, path_step = resolve_checkpoint(path)
   config = config_lib.read_workdir_config(workdir)
   model = create_model(config)

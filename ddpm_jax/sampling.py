@@ -260,6 +260,64 @@ def make_plan(model_fn: ModelFn, schedule, key, *, method: str, num_steps: Optio
   return _sde_plan(model_fn, schedule, key, num_steps, prediction, method)
 
 
+def _plan(model_fn, schedule, key, method, num_steps, eta, prediction, clip_x0, variance, spacing):
+  """The plan for ``key`` (the step noise comes from its second half, as in ``sample``)."""
+  _, step_key = jax.random.split(key)
+  return make_plan(model_fn, schedule, step_key, method=method, num_steps=num_steps, eta=eta,
+                   prediction=prediction, clip_x0=clip_x0, variance=variance, spacing=spacing)
+
+
+def num_plan_steps(plan: Plan) -> int:
+  return next(iter(plan.xs.values())).shape[0]
+
+
+def sample_start(model_fn: ModelFn, schedule, key, shape, *, x_T=None, **options):
+  """The sampler's carry before its first step: x_T ~ N(0, I) of ``shape`` (or ``x_T``).
+
+  With ``sample_steps`` and ``sample_finish`` this runs the reverse process in pieces, e.g. to
+  report progress between jitted calls (no host callbacks, so the persistent compilation cache
+  keeps them); the pieces give exactly what ``sample`` gives for the same key and options.
+  """
+  init_key, _ = jax.random.split(key)
+  if x_T is None:
+    x_T = jax.random.normal(init_key, shape, jnp.float32)
+  elif tuple(x_T.shape) != tuple(shape):
+    raise ValueError(f'x_T has shape {tuple(x_T.shape)} but shape is {tuple(shape)}')
+  return _plan(model_fn, schedule, key, **_plan_options(options)).init(x_T)
+
+
+def _plan_options(options: dict) -> dict:
+  defaults = dict(num_steps=None, eta=0.0, prediction='eps', clip_x0=True, variance='small',
+                  spacing='uniform')
+  unknown = set(options) - set(defaults) - {'method'}
+  if unknown:
+    raise TypeError(f'unknown sampling options {sorted(unknown)}')
+  return {**defaults, **options}
+
+
+def sample_steps(model_fn: ModelFn, schedule, key, carry, start, length: int, *,
+                 return_trajectory: bool = False, progress=None, **options):
+  """Steps ``start .. start + length`` of the reverse process (``start`` may be traced, so one
+  compilation serves every piece of the same length). Returns the carry (and the trajectory
+  of these steps with ``return_trajectory``)."""
+  plan = _plan(model_fn, schedule, key, **_plan_options(options))
+  xs = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, length), plan.xs)
+
+  def body(carry, xs_i):
+    carry, out = plan.step(carry, xs_i[0])
+    if progress is not None:
+      jax.debug.callback(progress, xs_i[1])
+    return carry, (out if return_trajectory else None)
+
+  carry, trajectory = jax.lax.scan(body, carry, (xs, start + jnp.arange(length)))
+  return (carry, trajectory) if return_trajectory else carry
+
+
+def sample_finish(model_fn: ModelFn, schedule, key, carry, **options):
+  """x_0 in model space from the carry after the last step."""
+  return _plan(model_fn, schedule, key, **_plan_options(options)).final(carry)
+
+
 def sample(model_fn: ModelFn, schedule, key, shape, *, method: str,
            num_steps: Optional[int] = None, eta: float = 0.0, prediction: str = 'eps',
            clip_x0: bool = True, x_T=None, variance: str = 'small', spacing: str = 'uniform',
@@ -268,23 +326,15 @@ def sample(model_fn: ModelFn, schedule, key, shape, *, method: str,
 
   ``x_T`` fixes the starting noise. ``return_trajectory`` also returns (x_t, predicted x0), each
   [num_steps, *shape], after every step. ``progress(i)`` is called from the device after step i
-  (a host callback: for progress bars). Jit-able; ``key`` draws x_T and all step noise.
+  (a host callback: for progress bars; a computation with one is never kept in JAX's persistent
+  compilation cache). Jit-able; ``key`` draws x_T and all step noise.
   """
-  init_key, step_key = jax.random.split(key)
-  plan = make_plan(model_fn, schedule, step_key, method=method, num_steps=num_steps, eta=eta,
-                   prediction=prediction, clip_x0=clip_x0, variance=variance, spacing=spacing)
-  if x_T is None:
-    x_T = jax.random.normal(init_key, shape, jnp.float32)
-  elif tuple(x_T.shape) != tuple(shape):
-    raise ValueError(f'x_T has shape {tuple(x_T.shape)} but shape is {tuple(shape)}')
-  num_scan_steps = next(iter(plan.xs.values())).shape[0]
-
-  def body(carry, xs_i):
-    carry, out = plan.step(carry, xs_i[0])
-    if progress is not None:
-      jax.debug.callback(progress, xs_i[1])
-    return carry, (out if return_trajectory else None)
-
-  carry, trajectory = jax.lax.scan(body, plan.init(x_T), (plan.xs, jnp.arange(num_scan_steps)))
-  x = plan.final(carry)
+  options = dict(method=method, num_steps=num_steps, eta=eta, prediction=prediction,
+                 clip_x0=clip_x0, variance=variance, spacing=spacing)
+  carry = sample_start(model_fn, schedule, key, shape, x_T=x_T, **options)
+  length = num_plan_steps(_plan(model_fn, schedule, key, **options))
+  result = sample_steps(model_fn, schedule, key, carry, 0, length,
+                        return_trajectory=return_trajectory, progress=progress, **options)
+  carry, trajectory = result if return_trajectory else (result, None)
+  x = sample_finish(model_fn, schedule, key, carry, **options)
   return (x, trajectory) if return_trajectory else x

@@ -102,3 +102,39 @@ def test_sample_script_bad_input(digits_run, tmp_path):
     lines = error_lines(result)
     assert result.returncode == 1 and len(lines) == 1 and message in lines[0], \
         (args, result.stderr[-2000:])
+
+
+def test_progress_pieces_give_the_same_samples_as_one_scan(digits_run):
+  assert [inference.progress_chunk(n) for n in (1000, 50, 20, 7, 1)] == [100, 5, 2, 1, 1]
+  sample_fn, params = inference.load_sampler(digits_run)
+  for method, steps in (('ddim', 7), ('dpm_solver++', 10), ('ddpm', None)):
+    key = jax.random.key(11)
+    one_scan = sample_fn(params, key, 3, method=method, num_steps=steps)
+    done = []
+    pieces = sample_fn(params, key, 3, method=method, num_steps=steps, progress=done.append)
+    np.testing.assert_array_equal(np.asarray(pieces), np.asarray(one_scan))
+    total = steps or 100  # tiny_config: T = 100
+    length = inference.progress_chunk(total)
+    assert done == list(range(length, total + 1, length)), (method, done)
+
+
+def test_compilation_cache_keeps_the_sampler_and_has_an_off_switch(digits_run, tmp_path):
+  cache = tmp_path / 'cache'
+  args = [f'--ckpt={digits_run}', '--num_samples=4', '--method=ddim', '--num_steps=10']
+  outputs = []
+  for run in ('first', 'second'):
+    result = run_script('sample.py', *args, f'--out={tmp_path / run}',
+                        env={'DDPM_JAX_COMPILATION_CACHE': str(cache)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    with np.load(tmp_path / run / 'samples.npz') as f:
+      outputs.append(f['arr_0'])
+    if run == 'first':  # the sampler's pieces hold no host callback, so they are kept
+      names = {p.name.split('-')[0] for p in cache.iterdir()}
+      assert {'jit_start_piece', 'jit_steps_piece'} <= names, names
+  np.testing.assert_array_equal(outputs[0], outputs[1])
+  jax_folder = tmp_path / 'jax_own'
+  result = run_script('sample.py', *args, f'--out={tmp_path / "off"}',
+                      env={'DDPM_JAX_COMPILATION_CACHE': 'off',
+                           'JAX_COMPILATION_CACHE_DIR': str(jax_folder)})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert not jax_folder.exists() or not any(jax_folder.iterdir())
