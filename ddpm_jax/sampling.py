@@ -67,14 +67,18 @@ def check_method(method: str, schedule, num_steps: Optional[int]) -> int:
     raise ValueError(f'{method} needs num_steps')
   if int(num_steps) != num_steps or num_steps < 1:
     raise ValueError(f'num_steps must be a positive integer, got {num_steps!r}')
-  if not continuous and num_steps > schedule.num_timesteps:
-    raise ValueError(f'num_steps={num_steps} is larger than the schedule\'s T = '
-                     f'{schedule.num_timesteps}; choose 1..{schedule.num_timesteps}')
+  # dpm_solver++ also evaluates the schedule at the end of its last step: N + 1 distinct times.
+  most = None if continuous else schedule.num_timesteps - (method == 'dpm_solver++')
+  if most is not None and num_steps > most:
+    raise ValueError(f'num_steps={num_steps} is larger than {method} can take on the schedule\'s '
+                     f'T = {schedule.num_timesteps} steps; choose 1..{most}')
   return int(num_steps)
 
 
 def _strictly_decreasing_ints(values, num_timesteps: int) -> np.ndarray:
   """Rounds descending times to distinct integers in [0, T) (a too-close pair is pushed apart)."""
+  if len(values) > num_timesteps:  # would push a time below 0, which indexes from the end
+    raise ValueError(f'{len(values)} distinct timesteps do not fit in T = {num_timesteps}')
   ints = np.clip(np.round(values).astype(np.int64), 0, num_timesteps - 1)
   ints = np.sort(ints)
   for i in range(1, len(ints)):  # push duplicates up...

@@ -204,3 +204,15 @@ def test_quadratic_spacing_is_distinct_and_dense_near_zero():
   assert len(np.unique(ts)) == 100 and ts[0] == 999 and ts[-1] == 0
   assert np.all(np.diff(ts) < 0)
   assert ts[-2] < 5
+
+
+def test_dpm_solver_takes_at_most_t_minus_one_discrete_steps():
+  """N steps need N + 1 distinct times; with T of them the first was pushed to t = -1, which
+  indexes the noisiest abar (found by benchmarks/sampler_accuracy.py: weight off by 0.16)."""
+  schedule = schedules.linear(100, 1e-4, 0.2)
+  with pytest.raises(ValueError, match=r'num_steps=100 is larger than dpm_solver\+\+ can take.*'
+                                       r'choose 1\.\.99'):
+    sampling.check_method('dpm_solver++', schedule, 100)
+  samples = run(schedule, gaussian_mixture_eps(schedule, **MIX), 'dpm_solver++', 99)
+  assert abs(samples.std() / MIX_STD - 1) < 0.05, samples.std()
+  assert abs(np.mean(samples > -0.05) - 0.7) < 0.03
