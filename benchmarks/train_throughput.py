@@ -10,7 +10,10 @@ machine with two processes of one CPU device each:
 
 Uses data.name=synthetic (uint8 noise of the config's image shape), the real jitted train step
 with its sharding over every local device, and prints a Markdown table row that is also
-appended to benchmarks/results/train_throughput.md.
+appended to benchmarks/results/train_throughput.md, with XLA's cost and memory analysis of a
+train step and of one network call (what a sampler step costs) at the same batch: FLOPs, the
+FLOP rate achieved, and peak memory. (The fraction of peak needs the device's peak FLOP rate:
+not measured here, where no accelerator was available.)
 """
 
 import pathlib
@@ -34,7 +37,7 @@ def main(argv):
   del argv
   import jax
   from ddpm_jax import config_lib, input_pipeline, sharding, train_state
-  from ddpm_jax.models import create_model
+  from ddpm_jax.models import create_model, model_apply
   sharding.initialize_distributed()
   config = flags.FLAGS.config
   config_name = pathlib.Path(config_flags.get_config_filename(flags.FLAGS['config'])).name
@@ -59,9 +62,19 @@ def main(argv):
   iterator = input_pipeline.make_iterator(source, config.training.batch_size, 0)
   batches = [sharding.to_global(next(iterator), sharding.batch_sharding(mesh)) for _ in range(4)]
   start = time.time()
+  step_fn = step_fn.lower(state, batches[0]).compile()  # timed below: the same executable
   state, metrics = step_fn(state, batches[0])
   jax.block_until_ready(metrics)
   compile_s = time.time() - start
+  # XLA's own accounting of one train step and of one network call (a sampler step's cost).
+  train_flops = step_fn.cost_analysis()['flops']
+  train_peak = step_fn.memory_analysis().peak_memory_in_bytes
+  x = jax.numpy.zeros((config.training.batch_size,) + config_lib.data_shape(config))
+  t = jax.numpy.zeros((config.training.batch_size,), jax.numpy.int32)
+  forward = jax.jit(lambda p, x, t: model_apply(model, p, x, t)).lower(state.ema_params, x,
+                                                                       t).compile()
+  call_flops = forward.cost_analysis()['flops']
+  call_peak = forward.memory_analysis().peak_memory_in_bytes
   start = time.time()
   for i in range(flags.FLAGS.steps):
     state, metrics = step_fn(state, batches[i % 4])
@@ -79,17 +92,22 @@ def main(argv):
        if device.platform == 'cpu' else '')
   row = (f'| {config_name} | {num_params / 1e6:.2f}M | '
          f'{config.training.batch_size} | {device_name} | {compile_s:.1f} | {flags.FLAGS.steps} | '
-         f'{steps_per_s:.3f} | {steps_per_s * config.training.batch_size:.1f} |')
+         f'{steps_per_s:.3f} | {steps_per_s * config.training.batch_size:.1f} | '
+         f'{train_flops / 1e9:.1f} | {train_flops * steps_per_s / 1e9:.1f} | '
+         f'{train_peak / 2 ** 20:.0f} | {call_flops / 1e9:.2f} | {call_peak / 2 ** 20:.0f} |')
   header = ('| config | params | batch | device | compile + first step (s) | timed steps | '
-            'steps/s | images/s |\n|---|---|---|---|---|---|---|---|')
+            'steps/s | images/s | GFLOP / train step | achieved GFLOP/s | peak MiB / train step '
+            '| GFLOP / sampler step (one network call) | peak MiB / sampler step |\n'
+            '|---|---|---|---|---|---|---|---|---|---|---|---|---|')
   if not sharding.is_main_process():
     return
   print(header)
   print(row)
   results = pathlib.Path(flags.FLAGS.results)
   results.parent.mkdir(parents=True, exist_ok=True)
-  if not results.exists():
-    results.write_text(header + '\n')
+  if not results.exists() or header.splitlines()[0] not in results.read_text():
+    with open(results, 'a') as f:
+      f.write(('\n' if results.exists() else '') + header + '\n')
   with open(results, 'a') as f:
     f.write(row + '\n')
 
