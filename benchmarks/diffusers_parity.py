@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 from configs import default  # noqa: E402
 from ddpm_jax import config_lib, interop  # noqa: E402
 
+# The google/ddpm-cifar10-32 layout (benchmarks/vs_pytorch.py uses it too).
 CIFAR10 = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
                layers_per_block=2,
                down_block_types=('DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D', 'DownBlock2D'),
@@ -42,16 +43,21 @@ CIFAR10 = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels
                norm_eps=1e-6)
 
 
-def main():
-  torch.manual_seed(0)
-  unet = UNet2DModel(**CIFAR10).eval()
+def randomize(unet) -> None:
+  """Every tensor random, none left at zero (diffusers' own init zeroes some, hiding mistakes)."""
   with torch.no_grad():
-    for name, p in unet.named_parameters():  # every tensor random, none left at zero
+    for name, p in unet.named_parameters():
       if p.ndim == 1:
         p.copy_((1.0 if 'norm' in name and name.endswith('weight') else 0.0) +
                 0.1 * torch.randn(p.shape))
       else:
         p.copy_(torch.randn(p.shape) / math.sqrt(p[0].numel()))
+
+
+def main():
+  torch.manual_seed(0)
+  unet = UNet2DModel(**CIFAR10).eval()
+  randomize(unet)
   count = sum(p.numel() for p in unet.parameters())
   x = torch.randn(4, 3, 32, 32)
   t = torch.tensor([0, 10, 500, 999])

@@ -163,14 +163,6 @@ def to_host(x) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def any_process(flag: bool) -> bool:
-  """True on every process when ``flag`` is True on any of them (one small all-reduce)."""
-  if jax.process_count() == 1:
-    return bool(flag)
-  votes = multihost_utils.process_allgather(np.asarray([flag], np.int32))
-  return bool(np.any(votes))
-
-
 def make_mesh() -> Mesh:
   # Auto axes, so with_sharding_constraint and NamedSharding inputs both work (../shared/NOTES.md).
   return jax.make_mesh((jax.device_count(),), (DATA_AXIS,),
