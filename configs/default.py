@@ -9,15 +9,14 @@ on the offline digits set:
 import ml_collections
 
 # Options of other released networks (diffusers' names), at the DDPM paper's values.
-COMPATIBILITY = dict(flip_sin_to_cos=False, freq_shift=1.0, norm_eps=1e-6, attention_head_dim=0,
-                     downsample_padding=0)
+from ddpm_jax.config_lib import MODEL_FIELD_DEFAULTS
 
 
 def model_small():
   """A 1.0M-parameter UNet (at one channel) for 8x8 / 16x16 images."""
   return ml_collections.ConfigDict(dict(
       ch=32, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(4,), dropout=0.0, num_heads=1,
-      num_groups=8, num_classes=0, spatial_dims=2, dtype='float32', **COMPATIBILITY))
+      num_groups=8, num_classes=0, spatial_dims=2, dtype='float32', **MODEL_FIELD_DEFAULTS))
 
 
 def model_cifar10():
@@ -25,7 +24,7 @@ def model_cifar10():
   return ml_collections.ConfigDict(dict(
       ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1,
       num_heads=1, num_groups=32, num_classes=0, spatial_dims=2, dtype='float32',
-      **COMPATIBILITY))
+      **MODEL_FIELD_DEFAULTS))
 
 
 def model_1d():
@@ -33,7 +32,7 @@ def model_1d():
   return ml_collections.ConfigDict(dict(
       ch=64, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(64,), dropout=0.0,
       num_heads=4, num_groups=32, num_classes=0, spatial_dims=1, dtype='float32',
-      **COMPATIBILITY))
+      **MODEL_FIELD_DEFAULTS))
 
 
 def get_config():

@@ -208,14 +208,13 @@ class Checkpointer:
     return Restored(step, state, restored['data_iter'] if 'data_iter' in args else None,
                     restored['extras'] or {})
 
-  def restore_latest(self, abstract_state, target_sharding,
-                     steps: Optional[list[int]] = None) -> Optional[Restored]:
-    """The newest checkpoint (of ``steps``, default all) that restores, or None if none is left.
+  def restore_latest(self, abstract_state, target_sharding) -> Optional[Restored]:
+    """The newest checkpoint that restores, or None if none is left.
 
     A damaged one is reported; the trainer sets it aside as ``<step>.damaged`` (process 0
     renames, every process waits at a barrier, then reloads), a reader only skips it.
     """
-    for step in reversed(self.all_steps() if steps is None else steps):
+    for step in reversed(self.all_steps()):
       try:
         return self.restore(step, abstract_state, target_sharding)
       except DamagedCheckpoint as damage:

@@ -275,21 +275,6 @@ def num_plan_steps(plan: Plan) -> int:
   return next(iter(plan.xs.values())).shape[0]
 
 
-def sample_start(model_fn: ModelFn, schedule, key, shape, *, x_T=None, **options):
-  """The sampler's carry before its first step: x_T ~ N(0, I) of ``shape`` (or ``x_T``).
-
-  With ``sample_steps`` and ``sample_finish`` this runs the reverse process in pieces, e.g. to
-  report progress between jitted calls (no host callbacks, so the persistent compilation cache
-  keeps them); the pieces give exactly what ``sample`` gives for the same key and options.
-  """
-  init_key, _ = jax.random.split(key)
-  if x_T is None:
-    x_T = jax.random.normal(init_key, shape, jnp.float32)
-  elif tuple(x_T.shape) != tuple(shape):
-    raise ValueError(f'x_T has shape {tuple(x_T.shape)} but shape is {tuple(shape)}')
-  return _plan(model_fn, schedule, key, **_plan_options(options)).init(x_T)
-
-
 def _plan_options(options: dict) -> dict:
   defaults = dict(num_steps=None, eta=0.0, prediction='eps', clip_x0=True, variance='small',
                   spacing='uniform')
@@ -299,12 +284,15 @@ def _plan_options(options: dict) -> dict:
   return {**defaults, **options}
 
 
-def sample_steps(model_fn: ModelFn, schedule, key, carry, start, length: int, *,
-                 return_trajectory: bool = False, progress=None, **options):
-  """Steps ``start .. start + length`` of the reverse process (``start`` may be traced, so one
-  compilation serves every piece of the same length). Returns the carry (and the trajectory
-  of these steps with ``return_trajectory``)."""
-  plan = _plan(model_fn, schedule, key, **_plan_options(options))
+def _start(plan: Plan, key, shape, x_T):
+  if x_T is None:
+    x_T = jax.random.normal(jax.random.split(key)[0], shape, jnp.float32)
+  elif tuple(x_T.shape) != tuple(shape):
+    raise ValueError(f'x_T has shape {tuple(x_T.shape)} but shape is {tuple(shape)}')
+  return plan.init(x_T)
+
+
+def _steps(plan: Plan, carry, start, length: int, return_trajectory: bool, progress):
   xs = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, length), plan.xs)
 
   def body(carry, xs_i):
@@ -315,6 +303,25 @@ def sample_steps(model_fn: ModelFn, schedule, key, carry, start, length: int, *,
 
   carry, trajectory = jax.lax.scan(body, carry, (xs, start + jnp.arange(length)))
   return (carry, trajectory) if return_trajectory else carry
+
+
+def sample_start(model_fn: ModelFn, schedule, key, shape, *, x_T=None, **options):
+  """The sampler's carry before its first step: x_T ~ N(0, I) of ``shape`` (or ``x_T``).
+
+  With ``sample_steps`` and ``sample_finish`` this runs the reverse process in pieces, e.g. to
+  report progress between jitted calls (no host callbacks, so the persistent compilation cache
+  keeps them); the pieces give exactly what ``sample`` gives for the same key and options.
+  """
+  return _start(_plan(model_fn, schedule, key, **_plan_options(options)), key, shape, x_T)
+
+
+def sample_steps(model_fn: ModelFn, schedule, key, carry, start, length: int, *,
+                 return_trajectory: bool = False, progress=None, **options):
+  """Steps ``start .. start + length`` of the reverse process (``start`` may be traced, so one
+  compilation serves every piece of the same length). Returns the carry (and the trajectory
+  of these steps with ``return_trajectory``)."""
+  plan = _plan(model_fn, schedule, key, **_plan_options(options))
+  return _steps(plan, carry, start, length, return_trajectory, progress)
 
 
 def sample_finish(model_fn: ModelFn, schedule, key, carry, **options):
@@ -333,12 +340,10 @@ def sample(model_fn: ModelFn, schedule, key, shape, *, method: str,
   (a host callback: for progress bars; a computation with one is never kept in JAX's persistent
   compilation cache). Jit-able; ``key`` draws x_T and all step noise.
   """
-  options = dict(method=method, num_steps=num_steps, eta=eta, prediction=prediction,
-                 clip_x0=clip_x0, variance=variance, spacing=spacing)
-  carry = sample_start(model_fn, schedule, key, shape, x_T=x_T, **options)
-  length = num_plan_steps(_plan(model_fn, schedule, key, **options))
-  result = sample_steps(model_fn, schedule, key, carry, 0, length,
-                        return_trajectory=return_trajectory, progress=progress, **options)
+  plan = _plan(model_fn, schedule, key, method, num_steps, eta, prediction, clip_x0, variance,
+               spacing)  # one plan for all the steps
+  result = _steps(plan, _start(plan, key, shape, x_T), 0, num_plan_steps(plan),
+                  return_trajectory, progress)
   carry, trajectory = result if return_trajectory else (result, None)
-  x = sample_finish(model_fn, schedule, key, carry, **options)
+  x = plan.final(carry)
   return (x, trajectory) if return_trajectory else x

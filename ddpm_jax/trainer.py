@@ -155,12 +155,13 @@ def _train(config, workdir, mesh, model, tx, schedule, init, data_iter, data_sta
   main = sharding.is_main_process()
   replicated = sharding.replicated(mesh)
   batch_sharding = sharding.batch_sharding(mesh)
-  state_sharding = jax.tree.map(lambda _: replicated, jax.eval_shape(init))
+  shapes = jax.eval_shape(init)  # serves the state's shardings and the restore target
+  state_sharding = jax.tree.map(lambda _: replicated, shapes)
   checkpointer = Checkpointer(workdir / 'checkpoints', training.keep_checkpoints)
   flag = SignalFlag()
   progress = metrics_log = None
   try:
-    restored = checkpointer.restore_latest(jax.eval_shape(init), replicated)
+    restored = checkpointer.restore_latest(shapes, replicated)
     if restored is None:
       state = jax.jit(init, out_shardings=state_sharding)()
     else:
