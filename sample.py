@@ -23,7 +23,13 @@ flags.DEFINE_bool('trajectory', False, 'Also write trajectory.png: x_t and predi
 flags.DEFINE_string('labels', '', 'Class labels for a class-conditional model: "3" or "0,1,2".')
 flags.DEFINE_float('guidance_scale', -1.0, 'Classifier-free guidance w: 1 conditional, 0 '
                    'unconditional, >1 guided (default: the config\'s).')
-flags.DEFINE_bool('eval', False, 'Time series: also compute metrics against real windows.')
+flags.DEFINE_bool('eval', False, 'Also write metrics.json: FID/KID against the run\'s data (images; '
+                  'digits also get the classifier scores) or metrics against real windows '
+                  '(series).')
+flags.DEFINE_string('fid_stats', '', 'With --eval: reference statistics (.npz with mu, sigma) '
+                    'instead of the run\'s data.')
+flags.DEFINE_string('inception_weights', '', 'With --eval: the FID network\'s weights (default: '
+                    '$DDPM_JAX_INCEPTION_WEIGHTS or ~/.cache/ddpm_jax/inception/).')
 flags.mark_flags_as_required(['ckpt'])
 
 
@@ -39,7 +45,8 @@ def main(argv):
     generate.generate(f.ckpt, out, num_samples=f.num_samples, method=f.method,
                       num_steps=f.num_steps, eta=f.eta, seed=f.seed, batch_size=f.batch_size,
                       png_dir=f.png_dir, trajectory=f.trajectory, labels=f.labels,
-                      guidance_scale=f.guidance_scale, evaluate=f.eval)
+                      guidance_scale=f.guidance_scale, evaluate=f.eval,
+                      fid_stats=f.fid_stats, inception_weights=f.inception_weights)
   cli.run('sample.py', run)
 
 

@@ -99,6 +99,12 @@ def get_config():
       max_nonfinite_steps=20,  # consecutive skipped updates before the run stops
       label_dropout=0.1,  # class-conditional only: probability of the null label
       num_sample_images=64,
+      # Sample quality of the EMA parameters every eval_every steps (0: off), logged to
+      # metrics.jsonl, TensorBoard and quality.png. Digits only: a classifier's feature
+      # Frechet distance and confidence (ddpm_jax.digits_quality) of eval_samples DDIM samples.
+      eval_every=0,
+      eval_samples=500,
+      eval_steps=20,
   ))
 
   config.sampling = ml_collections.ConfigDict(dict(

@@ -22,4 +22,5 @@ def get_config():
   config.training.log_every = 50
   config.training.checkpoint_every = 500
   config.training.sample_every = 1000
+  config.training.eval_every = 1000
   return config

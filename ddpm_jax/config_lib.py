@@ -46,6 +46,9 @@ def resolve(config, example_shape: tuple, num_classes: int) -> ml_collections.Co
   if is_series(resolved):
     data.channels = example_shape[-1]
     return resolved
+  if resolved.training.eval_every and data.name != 'digits':
+    raise ValueError(f'training.eval_every measures digits samples, but the data is {data.name}; '
+                     'set --config.training.eval_every=0 and score images with sample.py --eval')
   height, width, channels = example_shape
   if height != width:
     raise ValueError(f'images are {height}x{width}; the model takes square images')

@@ -98,6 +98,20 @@ def q_posterior(schedule: schedules_lib.DiscreteSchedule, x0, x_t, t):
   return mean, variance, log_variance
 
 
+REVERSE_VARIANCES = ('small', 'large')
+
+
+def reverse_log_variance(schedule: schedules_lib.DiscreteSchedule, variance: str):
+  """log sigma_t^2 [T] of the reverse step p(x_{t-1} | x_t): 'small' is beta-tilde_t (the
+  posterior's), 'large' is beta_t with its t = 0 entry from beta-tilde_1 (DDPM's fixedlarge)."""
+  if variance == 'small':
+    return schedule.posterior_log_variance_clipped
+  if variance == 'large':
+    return jnp.log(jnp.concatenate([schedule.posterior_variance[1:2], schedule.betas[1:]]))
+  raise ValueError(f'unknown reverse variance {variance!r}; choose one of '
+                   f'{", ".join(REVERSE_VARIANCES)}')
+
+
 def split_prediction(value, x_t, alpha, sigma, prediction: str):
   """(x0, eps) implied by a network output under ``prediction``; alpha, sigma broadcast to x_t.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import time
 from typing import Optional
@@ -10,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import config_lib, images, inference, progress
+from ddpm_jax import config_lib, evaluation, images, inference, progress
 
 
 class StepProgress(progress.CountProgress):
@@ -55,12 +56,14 @@ def trajectory_strip(x_t: np.ndarray, x0: np.ndarray, columns: int = 10) -> np.n
 def generate(ckpt: str, out: str, *, num_samples: int = 64, method: str = '',
              num_steps: int = 0, eta: float = -1.0, seed: int = 0, batch_size: int = 0,
              png_dir: str = '', trajectory: bool = False, labels: str = '',
-             guidance_scale: float = -1.0, evaluate: bool = False) -> pathlib.Path:
+             guidance_scale: float = -1.0, evaluate: bool = False, fid_stats: str = '',
+             inception_weights: str = '') -> pathlib.Path:
   """Draws samples from the checkpoint at ``ckpt`` and writes them to ``out``.
 
   Images: grid.png and samples.npz (uint8 [N, H, W, C] under arr_0); series: samples.npy,
   samples.csv and windows.png. Unset options (empty, 0 or negative) take the run's
-  config.sampling values.
+  config.sampling values. ``evaluate`` also writes metrics.json: FID / KID (images; against
+  ``fid_stats`` or the run's data) or the series metrics.
   """
   if num_samples < 1:
     raise ValueError(f'--num_samples must be at least 1, got {num_samples}')
@@ -102,6 +105,12 @@ def generate(ckpt: str, out: str, *, num_samples: int = 64, method: str = '',
       folder = pathlib.Path(png_dir).expanduser()
       for i, image in enumerate(uint8):
         images.save_png(image, folder / f'{i:06d}.png')
+    if evaluate:
+      scores = evaluation.evaluate_images(uint8, config, sample_fn.workdir, label_array,
+                                          fid_stats, inception_weights)
+      scores.update(method=method, steps=steps, checkpoint=sample_fn.step)
+      (out / 'metrics.json').write_text(json.dumps(scores, indent=2) + '\n')
+      print('  '.join(f'{k} {v:.4g}' for k, v in scores.items() if isinstance(v, float)))
   if trajectory and config_lib.is_series(config):
     print('--trajectory draws image strips only; skipped for a time-series run')
   elif trajectory:

@@ -126,10 +126,16 @@ def read_images(spec: str, data_dir: str = '', split: str = 'train',
     source = input_pipeline.digits_source()
   else:
     source = input_pipeline.TfdsSource(spec, split, data_dir)
+  return inception.check_images(source_images(source, max_images), spec)
+
+
+def source_images(source, max_images: int = 0) -> np.ndarray:
+  """The images of an input_pipeline source back as uint8 [N, H, W, C] (exact: the source
+  scaled them from uint8)."""
   count = len(source) if not max_images else min(max_images, len(source))
-  chunks = [input_pipeline.model_to_uint8(source.get_batch(np.arange(i, min(i + 1000, count)))['x'])
-            for i in range(0, count, 1000)]
-  return inception.check_images(np.concatenate(chunks), spec)
+  return np.concatenate([
+      input_pipeline.model_to_uint8(source.get_batch(np.arange(i, min(i + 1000, count)))['x'])
+      for i in range(0, count, 1000)])
 
 
 def _folder_channels(folder: pathlib.Path) -> int:

@@ -223,6 +223,7 @@ def load_sampler(path, step: Optional[int] = None):
   data_stats = restored.extras.get('data_stats')
   sample_fn = make_sample_fn(model, config, data_stats)
   sample_fn.config, sample_fn.model, sample_fn.step = config, model, restored.step
+  sample_fn.workdir = workdir
   sample_fn.data_stats = data_stats
   return sample_fn, restored.state.ema_params
 

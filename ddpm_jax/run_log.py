@@ -1,9 +1,11 @@
-"""What a training run records beside its checkpoints: metrics.jsonl, loss.png, and the libraries'
-own log (``<workdir>/train.log``), so a failed checkpoint write shows the user one line, not
-orbax's background tracebacks.
+"""What a training run records beside its checkpoints: metrics.jsonl, loss.png (and quality.png
+when the run measures sample quality), TensorBoard event files under ``<workdir>/tensorboard``
+(written without TensorFlow: ``tensorboard --logdir runs/``), and the libraries' own log
+(``<workdir>/train.log``), so a failed checkpoint write shows the user one line, not orbax's
+background tracebacks.
 
 Only process 0 writes; ``MetricsLog`` keeps the curve in memory, so an 800k-step run appends one
-line per record and redraws the PNG only when asked (at checkpoint times).
+line per record and redraws the PNGs only when asked (at checkpoint times).
 """
 
 from __future__ import annotations
@@ -14,20 +16,23 @@ import pathlib
 import sys
 
 from absl import logging
+from tensorboardX import SummaryWriter
 
-from ddpm_jax import images
+from ddpm_jax import plots
 
 LIBRARY_LOG = 'train.log'
 
 
 class MetricsLog:
-  """Appends records to ``<workdir>/metrics.jsonl`` and draws ``loss.png`` from memory."""
+  """Appends records to ``<workdir>/metrics.jsonl`` and TensorBoard, and draws ``loss.png`` and
+  ``quality.png`` from memory."""
 
   def __init__(self, workdir: pathlib.Path, resume_step: int, write: bool):
     """Reads an existing file once; records past ``resume_step`` (steps a crashed run did before
     its last checkpoint, about to be redone) are dropped from it."""
     self.path = pathlib.Path(workdir) / 'metrics.jsonl'
-    self.png = pathlib.Path(workdir) / 'loss.png'
+    self.loss_png = pathlib.Path(workdir) / 'loss.png'
+    self.quality_png = pathlib.Path(workdir) / 'quality.png'
     self.write = write
     self.records = []
     if self.path.exists():
@@ -43,26 +48,35 @@ class MetricsLog:
       if write:
         self.path.write_text(''.join(json.dumps(r) + '\n' for r in kept))
     self._file = open(self.path, 'a') if write else None
+    # purge_step: TensorBoard drops the events a crashed run wrote past the resumed checkpoint.
+    self._tensorboard = SummaryWriter(str(pathlib.Path(workdir) / 'tensorboard'),
+                                      purge_step=resume_step + 1) if write else None
 
   def append(self, record: dict) -> None:
     self.records.append(record)
     if self._file is not None:
       self._file.write(json.dumps(record) + '\n')
       self._file.flush()
+      for key, value in record.items():
+        if key not in ('step', 'time') and isinstance(value, (int, float)):
+          self._tensorboard.add_scalar(key, value, record['step'], walltime=record.get('time'))
 
   def plot(self) -> None:
-    """loss.png (log scale) from the records held in memory."""
+    """loss.png and, once the run has measured quality, quality.png from the records held."""
     if not self.write:
       return
     points = [(r['step'], r['loss']) for r in self.records if 'loss' in r]
-    steps, loss = [p[0] for p in points], [p[1] for p in points]
-    images.plot_lines([{'title': 'training loss (log scale) vs step',
-                        'lines': [(steps, loss, 0)], 'log_y': True}], self.png, panel_height=240)
+    plots.loss_curve([p[0] for p in points], [p[1] for p in points], self.loss_png)
+    evaluations = [r for r in self.records if any(k.startswith('eval_') for k in r)]
+    if evaluations:
+      plots.quality_curve(evaluations, self.quality_png)
+    self._tensorboard.flush()
 
   def close(self) -> None:
     if self._file is not None:
       self._file.close()
       self._file = None
+      self._tensorboard.close()
 
 
 def _is_closed_loop_noise(exc_type, exc_value) -> bool:

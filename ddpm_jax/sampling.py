@@ -28,7 +28,6 @@ METHODS = ('ddpm', 'ddim', 'dpm_solver++', 'euler_maruyama', 'ode')
 DISCRETE_ONLY = ('ddpm',)
 CONTINUOUS_ONLY = ('euler_maruyama', 'ode')
 SPACINGS = ('uniform', 'quadratic')
-VARIANCES = ('small', 'large')
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -145,13 +144,8 @@ def _denoise(model_fn, x, t, alpha, sigma, prediction: str, clip_x0: bool):
 
 
 def _ddpm_plan(model_fn, schedule, key, prediction, clip_x0, variance):
-  if variance not in VARIANCES:
-    raise ValueError(f'unknown ddpm variance {variance!r}; choose one of {", ".join(VARIANCES)}')
   num_timesteps = schedule.num_timesteps
-  if variance == 'small':
-    log_variance = schedule.posterior_log_variance_clipped
-  else:  # beta_t, with the t = 0 entry from beta-tilde_1 as in DDPM's "fixedlarge"
-    log_variance = jnp.log(jnp.concatenate([schedule.posterior_variance[1:2], schedule.betas[1:]]))
+  log_variance = diffusion.reverse_log_variance(schedule, variance)
 
   def step(x, xs):
     t = xs['t']

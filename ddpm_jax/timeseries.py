@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ddpm_jax import images
+from ddpm_jax import plots
 from ddpm_jax.input_pipeline import DataInfo
 
 NORMALIZATIONS = ('zscore', 'minmax')
@@ -233,8 +233,8 @@ def plot_windows(generated: np.ndarray, real: Optional[np.ndarray], path,
       lines = [(steps, w[:, c], 2 * (i % 2)) for i, w in enumerate(real)] + lines
     title = f'{names[c]}: ' + ('real (blue, green) vs ' if real is not None else '') + \
         'generated (orange, red)'
-    panels.append({'title': title, 'lines': lines})
-  images.plot_lines(panels, path, width=900, panel_height=140)
+    panels.append({'title': title, 'lines': lines, 'xlabel': 'time step in the window'})
+  plots.line_panels(panels, path)
 
 
 def write_series_outputs(samples: np.ndarray, config, stats: dict, out: pathlib.Path,

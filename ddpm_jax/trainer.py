@@ -16,8 +16,8 @@ import time
 import jax
 import numpy as np
 
-from ddpm_jax import (config_lib, images, inference, input_pipeline, run_log, sharding,
-                      timeseries, train_state)
+from ddpm_jax import (config_lib, digits_quality, images, inference, input_pipeline, run_log,
+                      sharding, timeseries, train_state)
 from ddpm_jax.checkpointing import Checkpointer
 from ddpm_jax.errors import Interrupted, TrainingError
 from ddpm_jax.models import create_model
@@ -103,6 +103,21 @@ def write_samples(sample_fn, params, key, config, data_stats, path: pathlib.Path
     images.save_grid(np.round(samples * 255).astype(np.uint8), path)
 
 
+def evaluate_quality(sample_fn, params, key, config, classifier) -> dict:
+  """Digits quality of ``training.eval_samples`` DDIM samples (labels cycling 0..9 for a
+  class-conditional model): {'eval_fd', 'eval_confidence'[, 'eval_label_agreement']}. Every
+  process samples; the numbers are the same everywhere."""
+  training = config.training
+  labels = (np.arange(training.eval_samples) % config.model.num_classes
+            if config.model.num_classes else None)
+  kwargs = {} if labels is None else {'labels': labels}
+  samples = sharding.to_host(sample_fn(params, key, training.eval_samples, method='ddim',
+                                       num_steps=training.eval_steps, eta=0.0, **kwargs))
+  uint8 = np.round(samples * 255).astype(np.uint8)
+  scores = digits_quality.quality(uint8, labels, classifier)
+  return {f'eval_{name}': round(value, 5) for name, value in scores.items()}
+
+
 def check_data_order(saved: dict, config, step: int) -> None:
   """The saved data position counts global batches of one size and seed: resuming with another
   would silently change which examples come next."""
@@ -178,6 +193,7 @@ def _train(config, workdir, mesh, model, tx, schedule, init, data_iter, data_sta
                                           batch_sharding, replicated)
     sample_fn = inference.make_sample_fn(model, config, data_stats)
     sample_key = train_state.run_keys(training.seed)[2]
+    classifier = digits_quality.load_classifier() if training.eval_every else None
 
     step = int(state.step)
     metrics_log = run_log.MetricsLog(workdir, step, write=main)
@@ -225,9 +241,17 @@ def _train(config, workdir, mesh, model, tx, schedule, init, data_iter, data_sta
       if checkpoint_now or stop_signum:
         checkpointer.save(step, state, data_iter.get_state(), extras)
         metrics_log.plot()
+      grid_key, eval_key = jax.random.split(jax.random.fold_in(sample_key, step))
       if step % training.sample_every == 0 or step == training.num_steps:
-        write_samples(sample_fn, state.ema_params, jax.random.fold_in(sample_key, step), config,
+        write_samples(sample_fn, state.ema_params, grid_key, config,
                       data_stats, workdir / 'samples' / f'step_{step:07d}.png')
+      if training.eval_every and (step % training.eval_every == 0 or step == training.num_steps):
+        quality = evaluate_quality(sample_fn, state.ema_params, eval_key, config, classifier)
+        metrics_log.append({'step': step, **quality})
+        metrics_log.plot()
+        if main:
+          print(f'step {step}: ' + '  '.join(f'{k[5:]} {v:.4g}' for k, v in quality.items()),
+                flush=True)
       if stop_signum:
         checkpointer.wait()
         raise Interrupted(stop_signum, step, here=flag.signum is not None)

@@ -1,0 +1,130 @@
+"""Scores of a trained image run: FID / KID of its samples against its data or a statistics file
+(``sample.py --eval``), the digits classifier measure, and the bits per dimension of held-out
+data under the variational bound (``python -m ddpm_jax.bpd``)."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+import time
+from typing import Optional
+
+import jax
+import numpy as np
+
+from ddpm_jax import (config_lib, digits_quality, diffusion, image_metrics, inception, inference,
+                      input_pipeline, likelihood, progress)
+from ddpm_jax import schedules as schedules_lib
+
+FID_PROTOCOL = ('pytorch-fid: Inception-v3 (TF 2015-12-05) pool3, bilinear resize to 299 '
+                '(align_corners=False, no antialias), 2x/255-1')
+
+
+def _reference_set(config, workdir: pathlib.Path, fid_stats: str, features_fn):
+  """The run's data as a FeatureSet (statistics cached in <workdir>/eval/), or ``fid_stats``."""
+  if fid_stats:
+    return image_metrics.feature_set(fid_stats, features_fn)
+  cache = workdir / 'eval' / f'fid_stats_{config.data.name}_{config.data.split}.npz'
+  if cache.is_file():
+    return image_metrics.feature_set(str(cache), features_fn)
+  source = input_pipeline.create_source(config.data, seed=config.training.seed)
+  images, _ = inception.check_images(image_metrics.source_images(source), config.data.name)
+  reference = image_metrics.images_feature_set(config.data.name, images, features_fn())
+  image_metrics.save_statistics(cache, reference)
+  return reference
+
+
+def evaluate_images(samples: np.ndarray, config, workdir: pathlib.Path,
+                    labels: Optional[np.ndarray] = None, fid_stats: str = '',
+                    inception_weights: str = '') -> dict:
+  """Scores uint8 samples [N, H, W, C]: {'fid', 'kid', 'kid_std', 'fid_reference', ...} and,
+  for digits, {'digits_fd', 'digits_confidence'[, 'digits_label_agreement']}.
+
+  Digits are scored by the classifier always and by FID when Inception weights are present;
+  other images need the weights (a missing file is a one-line error saying where to get it).
+  """
+  images, note = inception.check_images(samples, 'samples')
+  result = {'num_samples': int(len(samples))}
+  if config.data.name == 'digits':
+    scores = digits_quality.quality(samples, labels)
+    result.update({f'digits_{k}': v for k, v in scores.items()})
+    try:
+      inception.find_weights(inception_weights)
+    except FileNotFoundError:
+      print('note: no Inception weights, so no FID; the digits scores need none (see '
+            'python -m ddpm_jax.fid for where to get them)', file=sys.stderr)
+      return result
+  if note:
+    print(f'note: {note}', file=sys.stderr)
+  params = inception.load_params(inception_weights)
+  extractor = inception.feature_extractor(params)
+  reference = _reference_set(config, workdir, fid_stats, lambda: extractor)
+  generated = image_metrics.images_feature_set('samples', images, extractor)
+  result.update(image_metrics.compare(generated, reference))
+  result['fid_reference'] = reference.name
+  result['fid_protocol'] = FID_PROTOCOL
+  return result
+
+
+def _bound_data(config, split: str, num_images: int) -> tuple[np.ndarray, str]:
+  """uint8 images [N, H, W, C] to score and a description of where they come from."""
+  if config.data.name == 'digits':  # no test split exists: the bound is on training data
+    images = image_metrics.source_images(input_pipeline.digits_source(), num_images)
+    return images, f'digits (all {len(images)} are training images: the set has no test split)'
+  data = config.data.copy_and_resolve_references()
+  if data.name not in input_pipeline.BUILTIN:
+    data.split = split
+  source = input_pipeline.create_source(data, seed=0)
+  images = image_metrics.source_images(source, num_images)
+  where = f'{data.name} {data.split}' if data.name not in input_pipeline.BUILTIN else data.name
+  return images, f'{where} ({len(images)} images)'
+
+
+def bits_per_dim(ckpt: str, *, split: str = 'test', num_images: int = 0, batch_size: int = 100,
+                 variances=diffusion.REVERSE_VARIANCES, seed: int = 0) -> dict:
+  """The DDPM variational bound of the run's EMA network on ``split`` of its data, in bits per
+  dimension, for each reverse variance: {'small': {'bpd', 'prior', 'decoder', 'kl'}, ...}."""
+  sample_fn, params = inference.load_sampler(ckpt)
+  config, model = sample_fn.config, sample_fn.model
+  if config_lib.is_series(config):
+    raise ValueError('bits per dimension is defined here for 8-bit images; this run models a '
+                     'time series')
+  schedule = config_lib.schedule_from_config(config)
+  if schedules_lib.is_continuous(schedule):
+    raise ValueError(f'checkpoint {sample_fn.step} uses the continuous-time '
+                     f'{config.diffusion.schedule} schedule; the discrete bound needs a '
+                     'linear or cosine (discrete) run')
+  images, description = _bound_data(config, split, num_images)
+  x0_all = input_pipeline.images_to_model(images)
+  result = {'data': description, 'checkpoint': sample_fn.step,
+            'num_timesteps': schedule.num_timesteps}
+  batch_size = min(batch_size, len(images))
+  for variance in variances:
+    terms = likelihood.terms_fn(
+        lambda p: inference.guided_model_fn(model, p, None, 1.0), schedule,
+        prediction=config.diffusion.target, variance=variance, clip_x0=config.sampling.clip_x0)
+    bar = progress.CountProgress(-(-len(images) // batch_size) * schedule.num_timesteps,
+                                 f'bound ({variance} variance)', 'term')
+    start, parts = time.time(), []
+    try:
+      for index, begin in enumerate(range(0, len(images), batch_size)):
+        x0 = x0_all[begin:begin + batch_size]
+        if len(x0) < batch_size:  # one compiled shape: pad, then drop the padding
+          x0 = np.concatenate([x0, np.repeat(x0[-1:], batch_size - len(x0), axis=0)])
+        key = jax.random.fold_in(jax.random.key(seed), index)
+        bound = likelihood.bound(terms, params, schedule, x0, key, progress=bar.advance)
+        parts.append(jax.tree.map(lambda a, n=len(x0_all[begin:begin + batch_size]): a[:n],
+                                  bound))
+    finally:
+      bar.close()
+    total = np.concatenate([p.total for p in parts])
+    result[variance] = {
+        'bpd': float(total.mean()),
+        'bpd_standard_error': float(total.std(ddof=1) / np.sqrt(len(total))) if len(total) > 1
+        else float('nan'),
+        'prior': float(np.concatenate([p.prior for p in parts]).mean()),
+        'decoder': float(np.concatenate([p.decoder for p in parts]).mean()),
+        'kl': float(np.concatenate([p.terms[:, 1:].sum(axis=1) for p in parts]).mean()),
+        'seconds': round(time.time() - start, 2),
+    }
+  return result
