@@ -34,6 +34,15 @@ def _reference_set(config, workdir: pathlib.Path, fid_stats: str, features_fn):
   return reference
 
 
+def check_before_sampling(config, fid_stats: str = '', inception_weights: str = '') -> None:
+  """What evaluate_images will need, checked before any sample is drawn: the Inception weights
+  (except for digits, scored without them) and the statistics file."""
+  if config.data.name != 'digits':
+    inception.find_weights(inception_weights)
+  if fid_stats and not pathlib.Path(fid_stats).expanduser().is_file():
+    raise FileNotFoundError(f'--fid_stats {fid_stats} does not exist')
+
+
 def evaluate_images(samples: np.ndarray, config, workdir: pathlib.Path,
                     labels: Optional[np.ndarray] = None, fid_stats: str = '',
                     inception_weights: str = '') -> dict:

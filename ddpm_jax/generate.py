@@ -72,6 +72,8 @@ def generate(ckpt: str, out: str, *, num_samples: int = 64, method: str = '',
   # Validated before anything is written: sample_fn checks the same again per batch.
   method, num_steps, steps = inference.resolve_method(
       config, config_lib.schedule_from_config(config), method, num_steps or None)
+  if evaluate and not config_lib.is_series(config):
+    evaluation.check_before_sampling(config, fid_stats, inception_weights)
   label_array = parse_labels(labels, num_samples)
   inference.check_labels(sample_fn.model, label_array, num_samples)
   batch_size = min(batch_size or config.sampling.batch_size, num_samples)

@@ -50,6 +50,10 @@ def loss_curve(steps: Sequence[int], loss: Sequence[float], path) -> pathlib.Pat
   return _save(figure, path)
 
 
+QUALITY_LABELS = {'eval_fd': 'feature FD (lower is better)', 'eval_confidence': 'mean confidence',
+                  'eval_label_agreement': 'label agreement'}
+
+
 def quality_curve(records: Sequence[dict], path) -> pathlib.Path:
   """quality.png: each 'eval_*' metric of the records against the step, one panel each."""
   names = sorted({key for r in records for key in r if key.startswith('eval_')})
@@ -58,7 +62,7 @@ def quality_curve(records: Sequence[dict], path) -> pathlib.Path:
     axes = figure.add_subplot(len(names), 1, index + 1)
     points = [(r['step'], r[name]) for r in records if name in r]
     axes.plot([p[0] for p in points], [p[1] for p in points], 'o-', color=COLOURS[index + 1])
-    axes.set(xlabel='training step', ylabel=name[len('eval_'):])
+    axes.set(xlabel='training step', ylabel=QUALITY_LABELS.get(name, name[len('eval_'):]))
     axes.grid(True, alpha=0.3)
   if names:
     figure.axes[0].set_title('sample quality of the EMA parameters')

