@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from ddpm_jax import input_pipeline  # noqa: E402
-from ddpm_jax.timeseries import SeriesSource  # noqa: E402
+from ddpm_jax.input_pipeline import SeriesSource  # noqa: E402
 
 CHANNELS, WINDOW, BATCH, BATCHES = 7, 512, 64, 100
 MIB = 2 ** 20

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import config_lib, evaluation, images, inference, progress
+from ddpm_jax import config_lib, evaluation, images, inference, progress, timeseries
 
 
 class StepProgress(progress.CountProgress):
@@ -97,7 +97,6 @@ def generate(ckpt: str, out: str, *, num_samples: int = 64, method: str = '',
         f'({steps} steps) in {elapsed:.1f} s, compilation included')
 
   if config_lib.is_series(config):
-    from ddpm_jax import timeseries
     timeseries.write_series_outputs(samples, config, sample_fn.data_stats, out, evaluate)
   else:
     uint8 = np.round(samples * 255).astype(np.uint8)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import (compilation_cache, config_lib, diffusion, sampling, sharding,
+from ddpm_jax import (compilation_cache, config_lib, diffusion, sampling, series_data, sharding,
                       train_state)
 from ddpm_jax.checkpointing import Checkpointer, DamagedCheckpoint
 from ddpm_jax.errors import CheckpointError
@@ -20,8 +20,7 @@ from ddpm_jax.models import create_model, model_apply
 def to_data_space(x, config, data_stats: Optional[dict] = None):
   """Model space -> data space: images to [0, 1]; series back to their original units."""
   if config_lib.is_series(config):
-    from ddpm_jax import timeseries
-    return timeseries.denormalize(x, data_stats)
+    return series_data.denormalize(x, data_stats)
   return jnp.clip((x + 1.0) / 2.0, 0.0, 1.0)
 
 

@@ -16,7 +16,7 @@ from typing import Optional
 import grain
 import numpy as np
 
-from ddpm_jax import sharding
+from ddpm_jax import series_data, sharding
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
 BUILTIN = ('digits', 'synthetic', 'images', 'series')
@@ -158,6 +158,45 @@ class TfdsSource:
     return DataInfo(self.shape, len(self), self.num_classes)
 
 
+class SeriesSource:
+  """Training windows of a normalised series, plus the validation windows that follow them."""
+
+  def __init__(self, series: np.ndarray, names: Sequence[str], window: int, stride: int,
+               val_fraction: float, normalization: str, copy: bool = True):
+    """``copy=False`` hands the series over: a float32 one is normalised in place."""
+    if not 0.0 <= val_fraction < 1.0:
+      raise ValueError(f'data.val_fraction must lie in [0, 1), got {val_fraction}')
+    num_val = int(round(series.shape[0] * val_fraction))
+    split = series.shape[0] - num_val
+    if window > split:
+      raise ValueError(f'window {window} is longer than the training part of the series '
+                       f'({split} of {series.shape[0]} rows); use a window of at most {split}')
+    self.stats = series_data.fit_normalization(series[:split], normalization, names)
+    normalized = series_data.normalize(series, self.stats, copy=copy)
+    self.names = list(names)
+    self.train = series_data.LazyWindows(normalized[:split], window, stride)
+    # Validation windows start at the split: no window spans both parts.
+    self.validation = series_data.LazyWindows(normalized[split:], window, stride) \
+        if num_val >= window else None
+
+  def __len__(self):
+    return len(self.train)
+
+  def get_batch(self, indices) -> dict:
+    return self.train.get_batch(indices)
+
+  def info(self) -> DataInfo:
+    return DataInfo((self.train.window, self.train.series.shape[1]), len(self), 0, self.stats)
+
+
+def series_source(path: pathlib.Path, data_config) -> SeriesSource:
+  """Reads, checks and splits the series that ``config.data`` names."""
+  series, names = series_data.read_series(path, data_config.columns, data_config.time_column)
+  series = series_data.check_or_fill_nans(series, names, data_config.fill_nan, str(path))
+  return SeriesSource(series.astype(np.float32), names, data_config.window, data_config.stride,
+                      data_config.val_fraction, data_config.normalization, copy=False)
+
+
 def digits_source() -> ArraySource:
   """scikit-learn's bundled 8x8 handwritten digits (1,797 images, values 0..16): no download."""
   from sklearn.datasets import load_digits
@@ -203,8 +242,7 @@ def create_source(data_config, seed: int = 0):
     if not path.exists():
       raise FileNotFoundError(f'data.path {path} does not exist')
     if name == 'series':
-      from ddpm_jax import timeseries
-      return timeseries.series_source(path, data_config)
+      return series_source(path, data_config)
     if path.is_dir():
       return FolderSource(path, data_config.channels)
     if path.suffix in ('.npy', '.npz'):

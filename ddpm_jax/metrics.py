@@ -13,6 +13,8 @@ import warnings
 
 import numpy as np
 
+from ddpm_jax.series_data import denormalize
+
 METRIC_NAMES = ('marginal', 'acf', 'cross_corr', 'discriminative')
 
 
@@ -103,7 +105,6 @@ def evaluate_against_data(samples: np.ndarray, source, stats: dict, max_windows:
   (how far two real samples of the series are apart) and independent Gaussian noise with each
   channel's mean and variance vs real training windows.
   """
-  from ddpm_jax.timeseries import denormalize
   if source.validation is None:
     raise ValueError('the series has no validation part as long as one window; raise '
                      'data.val_fraction')

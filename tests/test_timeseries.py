@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from configs import power_small
-from ddpm_jax import metrics, timeseries
-from ddpm_jax.timeseries import LazyWindows
+from ddpm_jax import input_pipeline, metrics, series_data
+from ddpm_jax.series_data import LazyWindows
 
 
 @pytest.mark.parametrize('n,window,stride', [(10, 3, 1), (10, 3, 2), (10, 10, 1), (10, 1, 1),
@@ -34,10 +34,10 @@ def test_bad_window_arguments():
 def test_train_and_validation_windows_never_overlap():
   n = 1000
   series = np.stack([np.arange(n), np.sin(np.arange(n))], axis=1).astype(np.float64)
-  source = timeseries.SeriesSource(series, ['t', 's'], window=50, stride=3, val_fraction=0.2,
+  source = input_pipeline.SeriesSource(series, ['t', 's'], window=50, stride=3, val_fraction=0.2,
                                    normalization='zscore')
   stats = source.stats
-  to_rows = lambda w: np.round(timeseries.denormalize(w, stats)[:, 0]).astype(int)
+  to_rows = lambda w: np.round(series_data.denormalize(w, stats)[:, 0]).astype(int)
   train_rows = set()
   for i in range(len(source.train)):
     train_rows.update(to_rows(source.train[i]))
@@ -49,19 +49,19 @@ def test_train_and_validation_windows_never_overlap():
   np.testing.assert_allclose(stats['mean'][0], np.arange(800).mean())
 
 
-@pytest.mark.parametrize('method', timeseries.NORMALIZATIONS)
+@pytest.mark.parametrize('method', series_data.NORMALIZATIONS)
 def test_normalization_round_trip(method):
   rng = np.random.default_rng(0)
   series = rng.normal([5.0, -300.0, 0.01], [2.0, 50.0, 0.001], (500, 3))
-  stats = timeseries.fit_normalization(series, method, ['a', 'b', 'c'])
-  normalized = timeseries.normalize(series, stats)
+  stats = series_data.fit_normalization(series, method, ['a', 'b', 'c'])
+  normalized = series_data.normalize(series, stats)
   if method == 'zscore':
     np.testing.assert_allclose(normalized.mean(0), 0, atol=1e-6)
     np.testing.assert_allclose(normalized.std(0), 1, rtol=1e-5)
   else:
     np.testing.assert_allclose(normalized.min(0), -1, atol=1e-6)
     np.testing.assert_allclose(normalized.max(0), 1, atol=1e-6)
-  restored = timeseries.denormalize(normalized, stats)
+  restored = series_data.denormalize(normalized, stats)
   scale = np.abs(series).max(axis=0)
   assert np.all(np.abs(restored - series) <= 1e-5 * np.abs(series) + 1e-6 * scale)
 
@@ -89,32 +89,32 @@ def _write_csv(path, rows, header='date,a,b'):
 
 def test_csv_reading_and_bad_input(tmp_path):
   good = _write_csv(tmp_path / 'good.csv', ['2020-01-02,3,4', '2020-01-01,1,2', '2020-01-03,5,6'])
-  series, names = timeseries.read_series(good)
+  series, names = series_data.read_series(good)
   assert names == ['a', 'b']
   np.testing.assert_array_equal(series, [[1, 2], [3, 4], [5, 6]])  # ordered by date
-  series, names = timeseries.read_series(good, columns='b')
+  series, names = series_data.read_series(good, columns='b')
   np.testing.assert_array_equal(series.ravel(), [2, 4, 6])
   with pytest.raises(ValueError, match="column 'c' is not in .*date, a, b"):
-    timeseries.read_series(good, columns='a,c')
+    series_data.read_series(good, columns='a,c')
   text = _write_csv(tmp_path / 'text.csv', ['2020-01-01,1,x', '2020-01-02,2,y'])
   with pytest.raises(ValueError, match="column 'b' .* not numeric: row 2 holds 'x'"):
-    timeseries.read_series(text)
+    series_data.read_series(text)
   holes = _write_csv(tmp_path / 'holes.csv', ['d1,1,', 'd2,,', 'd3,3,1', 'd4,4,2'])
-  series, names = timeseries.read_series(holes)
+  series, names = series_data.read_series(holes)
   with pytest.raises(ValueError, match=r'NaN or empty values in 2 row\(s\) \(data rows 0, 1'):
-    timeseries.check_or_fill_nans(series, names, False, 'holes.csv')
-  filled = timeseries.check_or_fill_nans(series, names, True, 'holes.csv')
+    series_data.check_or_fill_nans(series, names, False, 'holes.csv')
+  filled = series_data.check_or_fill_nans(series, names, True, 'holes.csv')
   np.testing.assert_allclose(filled[:, 0], [1, 2, 3, 4])
   empty_col = _write_csv(tmp_path / 'empty.csv', ['d1,1,', 'd2,2,'])
-  series, names = timeseries.read_series(empty_col)
+  series, names = series_data.read_series(empty_col)
   with pytest.raises(ValueError, match="column 'b' .* has no numbers"):
-    timeseries.check_or_fill_nans(series, names, True, 'empty.csv')
+    series_data.check_or_fill_nans(series, names, True, 'empty.csv')
 
 
 def test_etth1_from_shared_data(shared_data):
   config = power_small.get_config().data
   config.path = str(shared_data / 'ETTh1.csv')
-  source = timeseries.series_source(shared_data / 'ETTh1.csv', config)
+  source = input_pipeline.series_source(shared_data / 'ETTh1.csv', config)
   assert source.names == ['HUFL', 'HULL', 'MUFL', 'MULL', 'LUFL', 'LULL', 'OT']
   assert source.train.series.shape == (17420 - 1742, 7)
   assert len(source) == 17420 - 1742 - 64 + 1
@@ -162,8 +162,8 @@ def test_series_run_end_to_end_in_original_units(tmp_path):
 
 def test_handing_the_series_over_normalises_it_in_place():
   series = np.random.default_rng(0).normal(3.0, 2.0, (300, 2)).astype(np.float32)
-  kept = timeseries.SeriesSource(series, ['a', 'b'], 10, 1, 0.0, 'zscore')
+  kept = input_pipeline.SeriesSource(series, ['a', 'b'], 10, 1, 0.0, 'zscore')
   assert not np.shares_memory(kept.train.series, series) and abs(series.mean() - 3) < 0.5
-  given = timeseries.SeriesSource(series, ['a', 'b'], 10, 1, 0.0, 'zscore', copy=False)
+  given = input_pipeline.SeriesSource(series, ['a', 'b'], 10, 1, 0.0, 'zscore', copy=False)
   assert np.shares_memory(given.train.series, series)  # one array, no second copy
   np.testing.assert_allclose(given.train.series, kept.train.series, rtol=1e-6, atol=1e-6)
