@@ -9,14 +9,15 @@ on the offline digits set:
 import ml_collections
 
 # Options of other released networks (diffusers' names), at the DDPM paper's values.
-from ddpm_jax.config_lib import MODEL_FIELD_DEFAULTS
+from ddpm_jax.config_lib import MODEL_FIELD_DEFAULTS, MODEL_INPUT_DEFAULTS
 
 
 def model_small():
   """A 1.0M-parameter UNet (at one channel) for 8x8 / 16x16 images."""
   return ml_collections.ConfigDict(dict(
       ch=32, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(4,), dropout=0.0, num_heads=1,
-      num_groups=8, num_classes=0, spatial_dims=2, dtype='float32', **MODEL_FIELD_DEFAULTS))
+      num_groups=8, num_classes=0, spatial_dims=2, dtype='float32', **MODEL_FIELD_DEFAULTS,
+      **MODEL_INPUT_DEFAULTS))
 
 
 def model_cifar10():
@@ -24,7 +25,7 @@ def model_cifar10():
   return ml_collections.ConfigDict(dict(
       ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1,
       num_heads=1, num_groups=32, num_classes=0, spatial_dims=2, dtype='float32',
-      **MODEL_FIELD_DEFAULTS))
+      **MODEL_FIELD_DEFAULTS, **MODEL_INPUT_DEFAULTS))
 
 
 def model_1d():
@@ -32,7 +33,7 @@ def model_1d():
   return ml_collections.ConfigDict(dict(
       ch=64, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(64,), dropout=0.0,
       num_heads=4, num_groups=32, num_classes=0, spatial_dims=1, dtype='float32',
-      **MODEL_FIELD_DEFAULTS))
+      **MODEL_FIELD_DEFAULTS, **MODEL_INPUT_DEFAULTS))
 
 
 def get_config():
@@ -58,7 +59,8 @@ def get_config():
       window=512,
       stride=1,
       normalization='zscore',  # or 'minmax' (to [-1, 1])
-      val_fraction=0.1,
+      val_fraction=0.1,  # validation part: the rows after the training part
+      test_fraction=0.0,  # test part: the final rows, never trained on or used for selection
       fill_nan=False,
   ))
 
@@ -105,6 +107,9 @@ def get_config():
       eval_every=0,
       eval_samples=500,
       eval_steps=20,
+      # With model.observed_input (series): the probabilities of the mask kinds of
+      # ddpm_jax.masking (none, points, block, horizon) drawn for each training window.
+      mask_mix=(0.25, 0.25, 0.25, 0.25),
   ))
 
   config.sampling = ml_collections.ConfigDict(dict(

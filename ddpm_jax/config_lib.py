@@ -18,6 +18,9 @@ TRAINING_ONLY_FIELDS = (('model', 'dropout'),)
 # Model fields added after runs were written; a config.json without them means these values.
 MODEL_FIELD_DEFAULTS = dict(flip_sin_to_cos=False, freq_shift=1.0, norm_eps=1e-6,
                             attention_head_dim=0, downsample_padding=0)
+# Model fields outside the network's own options, with the value a config.json without them means.
+# observed_input: the network also takes the observed values and their mask (series tasks).
+MODEL_INPUT_DEFAULTS = dict(observed_input=False)
 
 
 def schedule_from_config(config):
@@ -46,6 +49,8 @@ def resolve(config, example_shape: tuple, num_classes: int) -> ml_collections.Co
   if is_series(resolved):
     data.channels = example_shape[-1]
     return resolved
+  if observed_input(resolved) and not is_series(resolved):
+    raise ValueError('model.observed_input (forecasting and imputation) needs series data')
   if resolved.training.eval_every and data.name != 'digits':
     raise ValueError(f'training.eval_every measures digits samples, but the data is {data.name}; '
                      'set --config.training.eval_every=0 and score images with sample.py --eval')
@@ -65,6 +70,18 @@ def resolve(config, example_shape: tuple, num_classes: int) -> ml_collections.Co
     raise ValueError(f'the {data.name} data has {num_classes} classes but '
                      f'model.num_classes={resolved.model.num_classes}')
   return resolved
+
+
+def observed_input(config) -> bool:
+  """Whether the network takes observed values and a mask beside x_t (masking.condition_input)."""
+  return bool(config.model.get('observed_input', MODEL_INPUT_DEFAULTS['observed_input']))
+
+
+def network_input_shape(config) -> tuple:
+  """One example of the network's input: the data's shape, with 3x the channels when the
+  network also takes observed values and their mask."""
+  shape = data_shape(config)
+  return shape[:-1] + (3 * shape[-1],) if observed_input(config) else shape
 
 
 def is_series(config) -> bool:
@@ -102,7 +119,8 @@ def checkpoint_differences(saved, current) -> list[str]:
     keys = sorted(set(saved.get(section, {})) | set(current.get(section, {})))
     for key in keys:
       # A field one side lacks (added later) stands for its default.
-      default = MODEL_FIELD_DEFAULTS.get(key) if section == 'model' else None
+      default = ({**MODEL_FIELD_DEFAULTS, **MODEL_INPUT_DEFAULTS}.get(key) if section == 'model'
+                 else None)
       a = saved.get(section, {}).get(key, default)
       b = current.get(section, {}).get(key, default)
       if a != b and (section, key) not in TRAINING_ONLY_FIELDS:

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import (compilation_cache, config_lib, diffusion, sampling, series_data, sharding,
-                      train_state)
+from ddpm_jax import (compilation_cache, config_lib, diffusion, masking, sampling, series_data,
+                      sharding, train_state)
 from ddpm_jax.checkpointing import Checkpointer, DamagedCheckpoint
 from ddpm_jax.errors import CheckpointError
 from ddpm_jax.models import create_model, model_apply
@@ -35,6 +35,18 @@ def check_labels(model, labels, num_samples: int) -> None:
   if values is not None and (values.min() < 0 or values.max() >= model.num_classes):
     raise ValueError(f'labels must lie in [0, {model.num_classes - 1}], got range '
                      f'[{values.min()}, {values.max()}]')
+
+
+def check_condition(observed, mask, shape) -> Optional[dict]:
+  """{'observed', 'mask'} float32 arrays of ``shape``, or None when neither is given."""
+  if observed is None and mask is None:
+    return None
+  if observed is None or mask is None:
+    raise ValueError('observed values and their mask go together: give both or neither')
+  for name, value in (('observed', observed), ('mask', mask)):
+    if tuple(jnp.shape(value)) != tuple(shape):
+      raise ValueError(f'{name} must have shape {tuple(shape)}, got {tuple(jnp.shape(value))}')
+  return {'observed': jnp.asarray(observed, jnp.float32), 'mask': jnp.asarray(mask, jnp.float32)}
 
 
 def resolve_method(config, schedule, method: Optional[str], num_steps: Optional[int]):
@@ -84,6 +96,11 @@ def make_sample_fn(model, config, data_stats: Optional[dict] = None):
   jitted function (compiled once per static option set). With several devices the samples are
   split across them. Composes with a caller's jax.jit and jax.vmap.
 
+  ``observed`` and ``mask`` ([num_samples, *example_shape], model space; mask 1 = observed)
+  condition the samples on observed values: through the network for a run trained with
+  ``model.observed_input``, else by replacement (sampling.make_plan); observed entries come back
+  as given.
+
   ``progress(steps_done)``: the same samples, computed in about ten jitted pieces with
   ``progress`` called on the host after each; nothing compiled holds a host callback, so JAX's
   persistent compilation cache keeps every piece.
@@ -92,8 +109,9 @@ def make_sample_fn(model, config, data_stats: Optional[dict] = None):
   example_shape = config_lib.data_shape(config)
   defaults = config.sampling
   static = ('num_samples', 'method', 'num_steps', 'eta', 'guidance_scale')
+  observed_input = config_lib.observed_input(config)
 
-  def setup(params, key, num_samples, labels, method, num_steps, eta, guidance_scale):
+  def setup(params, key, num_samples, labels, method, num_steps, eta, guidance_scale, condition):
     """(model_fn, the key of the steps, x_T's shape, the sampling options)."""
     scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
     model_fn = guided_model_fn(model, params, labels, scale)
@@ -101,7 +119,22 @@ def make_sample_fn(model, config, data_stats: Optional[dict] = None):
                    prediction=config.diffusion.target,
                    clip_x0=defaults.clip_x0 and not config_lib.is_series(config),
                    variance=defaults.variance, spacing=defaults.spacing)
-    return model_fn, jax.random.split(key)[1], (num_samples,) + tuple(example_shape), options
+    shape = (num_samples,) + tuple(example_shape)
+    if observed_input:  # the network takes the observations (all hidden: plain generation)
+      if condition is None:
+        condition = {'observed': jnp.zeros(shape), 'mask': jnp.zeros(shape)}
+      network = model_fn
+      model_fn = lambda x, t: network(
+          masking.condition_input(x, condition['observed'], condition['mask']), t)
+    elif condition is not None:  # a network trained without masks: replacement
+      options['replace'] = (condition['observed'], condition['mask'])
+    return model_fn, jax.random.split(key)[1], shape, options
+
+  def finish(x, condition):
+    """Observed entries exactly as given; everything in data space."""
+    if condition is not None:
+      x = jnp.where(condition['mask'] > 0, condition['observed'], x)
+    return to_data_space(x, config, data_stats)
 
   def initial_noise(key, shape):
     x_T = jax.random.normal(jax.random.split(key)[0], shape, jnp.float32)
@@ -111,49 +144,51 @@ def make_sample_fn(model, config, data_stats: Optional[dict] = None):
 
   @functools.partial(jax.jit, static_argnames=static + ('return_trajectory',))
   def jitted(params, key, num_samples, *, method, num_steps, eta, labels, guidance_scale,
-             return_trajectory):
+             condition, return_trajectory):
     model_fn, sample_key, shape, options = setup(params, key, num_samples, labels, method,
-                                                 num_steps, eta, guidance_scale)
+                                                 num_steps, eta, guidance_scale, condition)
     result = sampling.sample(model_fn, schedule, sample_key, shape,
                              x_T=initial_noise(key, shape), return_trajectory=return_trajectory,
                              **options)
     if return_trajectory:
       x, (x_t, x0) = result
-      return (to_data_space(x, config, data_stats),
+      return (finish(x, condition),
               (to_data_space(x_t, config, data_stats), to_data_space(x0, config, data_stats)))
-    return to_data_space(result, config, data_stats)
+    return finish(result, condition)
 
   @functools.partial(jax.jit, static_argnames=static)
-  def start_piece(params, key, num_samples, *, method, num_steps, eta, labels, guidance_scale):
+  def start_piece(params, key, num_samples, *, method, num_steps, eta, labels, guidance_scale,
+                  condition):
     model_fn, sample_key, shape, options = setup(params, key, num_samples, labels, method,
-                                                 num_steps, eta, guidance_scale)
+                                                 num_steps, eta, guidance_scale, condition)
     return sampling.sample_start(model_fn, schedule, sample_key, shape,
                                  x_T=initial_noise(key, shape), **options)
 
   @functools.partial(jax.jit, static_argnames=static + ('length',))
   def steps_piece(params, key, carry, start, num_samples, *, length, method, num_steps, eta,
-                  labels, guidance_scale):
+                  labels, guidance_scale, condition):
     model_fn, sample_key, _, options = setup(params, key, num_samples, labels, method, num_steps,
-                                             eta, guidance_scale)
+                                             eta, guidance_scale, condition)
     return sampling.sample_steps(model_fn, schedule, sample_key, carry, start, length, **options)
 
   @functools.partial(jax.jit, static_argnames=static)
   def finish_piece(params, key, carry, num_samples, *, method, num_steps, eta, labels,
-                   guidance_scale):
+                   guidance_scale, condition):
     model_fn, sample_key, _, options = setup(params, key, num_samples, labels, method, num_steps,
-                                             eta, guidance_scale)
-    return to_data_space(sampling.sample_finish(model_fn, schedule, sample_key, carry, **options),
-                         config, data_stats)
+                                             eta, guidance_scale, condition)
+    return finish(sampling.sample_finish(model_fn, schedule, sample_key, carry, **options),
+                  condition)
 
   def sample_fn(params, key, num_samples: int, *, method: Optional[str] = None,
                 num_steps: Optional[int] = None, eta: Optional[float] = None, labels=None,
                 guidance_scale: Optional[float] = None, return_trajectory: bool = False,
-                progress=None):
+                progress=None, observed=None, mask=None):
     method, num_steps, total = resolve_method(config, schedule, method, num_steps)
     # Checked here, where labels are still concrete, unless the caller's own jit traces them.
     check_labels(model, labels, num_samples)
+    condition = check_condition(observed, mask, (num_samples,) + tuple(example_shape))
     options = dict(method=method, num_steps=num_steps, eta=eta, labels=labels,
-                   guidance_scale=guidance_scale)
+                   guidance_scale=guidance_scale, condition=condition)
     if progress is None or return_trajectory:
       return jitted(params, key, num_samples, return_trajectory=return_trajectory, **options)
     carry = start_piece(params, key, num_samples, **options)
@@ -229,14 +264,15 @@ def load_sampler(path, step: Optional[int] = None):
 
 def sample_in_batches(sample_fn, params, key, num_samples: int, batch_size: int, **kwargs):
   """Draws num_samples in batches of at most batch_size (numpy [num_samples, ...]); batch i
-  uses fold_in(key, i), so a run is reproducible for a fixed batch size."""
+  uses fold_in(key, i), so a run is reproducible for a fixed batch size. ``labels``,
+  ``observed`` and ``mask`` are split with the samples."""
   outputs = []
-  labels = kwargs.get('labels')
   for i, start in enumerate(range(0, num_samples, batch_size)):
     n = min(batch_size, num_samples - start)
     call_kwargs = dict(kwargs)
-    if labels is not None:
-      call_kwargs['labels'] = jnp.asarray(labels)[start:start + n]
+    for name in ('labels', 'observed', 'mask'):  # one row per sample
+      if kwargs.get(name) is not None:
+        call_kwargs[name] = jnp.asarray(kwargs[name])[start:start + n]
     outputs.append(sharding.to_host(sample_fn(params, jax.random.fold_in(key, i), n,
                                                 **call_kwargs)))
   return np.concatenate(outputs)

@@ -159,25 +159,38 @@ class TfdsSource:
 
 
 class SeriesSource:
-  """Training windows of a normalised series, plus the validation windows that follow them."""
+  """Training windows of a normalised series; the validation and test windows that follow them.
+
+  The rows are split in time order, train | validation | test; windows never cross a boundary,
+  and the normalisation statistics come from the training rows only. ``row_ranges`` gives each
+  part's rows of the original series.
+  """
 
   def __init__(self, series: np.ndarray, names: Sequence[str], window: int, stride: int,
-               val_fraction: float, normalization: str, copy: bool = True):
+               val_fraction: float, normalization: str, copy: bool = True,
+               test_fraction: float = 0.0):
     """``copy=False`` hands the series over: a float32 one is normalised in place."""
-    if not 0.0 <= val_fraction < 1.0:
-      raise ValueError(f'data.val_fraction must lie in [0, 1), got {val_fraction}')
-    num_val = int(round(series.shape[0] * val_fraction))
-    split = series.shape[0] - num_val
+    for name, fraction in (('val_fraction', val_fraction), ('test_fraction', test_fraction)):
+      if not 0.0 <= fraction < 1.0:
+        raise ValueError(f'data.{name} must lie in [0, 1), got {fraction}')
+    rows = series.shape[0]
+    num_test = int(round(rows * test_fraction))
+    num_val = int(round(rows * val_fraction))
+    split, test_start = rows - num_val - num_test, rows - num_test
     if window > split:
       raise ValueError(f'window {window} is longer than the training part of the series '
-                       f'({split} of {series.shape[0]} rows); use a window of at most {split}')
+                       f'({split} of {rows} rows); use a window of at most {split}')
     self.stats = series_data.fit_normalization(series[:split], normalization, names)
     normalized = series_data.normalize(series, self.stats, copy=copy)
     self.names = list(names)
+    self.row_ranges = {'train': (0, split), 'validation': (split, test_start),
+                       'test': (test_start, rows)}
     self.train = series_data.LazyWindows(normalized[:split], window, stride)
-    # Validation windows start at the split: no window spans both parts.
-    self.validation = series_data.LazyWindows(normalized[split:], window, stride) \
+    # Each part's windows start at its first row: no window spans two parts.
+    self.validation = series_data.LazyWindows(normalized[split:test_start], window, stride) \
         if num_val >= window else None
+    self.test = series_data.LazyWindows(normalized[test_start:], window, stride) \
+        if num_test >= window else None
 
   def __len__(self):
     return len(self.train)
@@ -194,7 +207,8 @@ def series_source(path: pathlib.Path, data_config) -> SeriesSource:
   series, names = series_data.read_series(path, data_config.columns, data_config.time_column)
   series = series_data.check_or_fill_nans(series, names, data_config.fill_nan, str(path))
   return SeriesSource(series.astype(np.float32), names, data_config.window, data_config.stride,
-                      data_config.val_fraction, data_config.normalization, copy=False)
+                      data_config.val_fraction, data_config.normalization, copy=False,
+                      test_fraction=data_config.get('test_fraction', 0.0))
 
 
 def digits_source() -> ArraySource:

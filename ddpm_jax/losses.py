@@ -102,8 +102,9 @@ def loss_weight(log_snr, target: str, weighting: str, min_snr_gamma: float = 5.0
 
 def diffusion_loss(apply_fn: ApplyFn, params, x0, key, schedule, *, target: str = 'eps',
                    weighting: str = 'simple', min_snr_gamma: float = 5.0,
-                   loss_history: Optional[LossHistory] = None):
-  """Mean denoising loss over a batch x0 [B, ...].
+                   loss_history: Optional[LossHistory] = None, loss_mask=None):
+  """Mean denoising loss over a batch x0 [B, ...]; with ``loss_mask`` [B, ...] (1 = scored) the
+  squared error is averaged over the scored entries of each example only.
 
   Draws t and noise, forms x_t with ``q_sample``, calls ``apply_fn(params, x_t, t, key)`` and
   regresses ``target``. Returns (loss scalar, aux) where aux holds ``per_example`` [B] losses
@@ -120,7 +121,12 @@ def diffusion_loss(apply_fn: ApplyFn, params, x0, key, schedule, *, target: str 
   wanted = diffusion.join_prediction(x0, noise, diffusion.per_example(alpha, x0),
                                      diffusion.per_example(sigma, x0), target)
   prediction = apply_fn(params, x_t, t, model_key).astype(jnp.float32)
-  squared_error = jnp.mean((prediction - wanted) ** 2, axis=tuple(range(1, x0.ndim)))
+  axes = tuple(range(1, x0.ndim))
+  if loss_mask is None:
+    squared_error = jnp.mean((prediction - wanted) ** 2, axis=axes)
+  else:
+    squared_error = (jnp.sum(loss_mask * (prediction - wanted) ** 2, axis=axes)
+                     / jnp.maximum(jnp.sum(loss_mask, axis=axes), 1.0))
   per_example = loss_weight(diffusion.log_snr(schedule, t), target, weighting,
                             min_snr_gamma) * squared_error
   return jnp.mean(importance * per_example), {'per_example': per_example, 't': t}

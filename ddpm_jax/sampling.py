@@ -157,7 +157,10 @@ def _ddpm_plan(model_fn, schedule, key, prediction, clip_x0, variance):
     return x, (x, x0)
 
   t = jnp.arange(num_timesteps - 1, -1, -1, dtype=jnp.int32)
-  return Plan(step, {'t': t}, num_timesteps)
+  # Where each step lands (t - 1; clean data after t = 0), for replacement conditioning.
+  alpha_next = jnp.append(schedule.sqrt_alphas_cumprod[:-1][::-1], 1.0)
+  sigma_next = jnp.append(schedule.sqrt_one_minus_alphas_cumprod[:-1][::-1], 0.0)
+  return Plan(step, {'t': t, 'alpha_next': alpha_next, 'sigma_next': sigma_next}, num_timesteps)
 
 
 def _ddim_plan(model_fn, schedule, key, num_steps, prediction, clip_x0, eta, spacing):
@@ -241,10 +244,38 @@ def _sde_plan(model_fn, schedule, key, num_steps, prediction, method):
   return Plan(step, xs, num_steps * (2 if method == 'ode' else 1))
 
 
+def _replacing(plan: Plan, replace, key) -> Plan:
+  """The plan with the observed entries of x put back after every step, noised to the level the
+  step lands on: x = mask * (alpha_next observed + sigma_next z) + (1 - mask) x (RePaint's
+  replacement, without its resampling). It makes an unconditional model condition on
+  observations without training; the hidden part is only approximately from the conditional
+  law. ``replace``: (observed, mask), each shaped like x, in model space."""
+  if 'alpha_next' not in plan.xs:
+    raise ValueError('replacement conditioning works with ddpm, ddim and dpm_solver++')
+  observed, mask = replace
+
+  def step(carry, xs):
+    carry, out = plan.step(carry, xs)
+    x = carry[0] if isinstance(carry, tuple) else carry
+    noise = jax.random.normal(jax.random.fold_in(key, jnp.asarray(xs['t'] * 1000, jnp.int32)),
+                              x.shape, x.dtype)
+    x = jnp.where(mask > 0, xs['alpha_next'] * observed + xs['sigma_next'] * noise, x)
+    return ((x,) + tuple(carry[1:]) if isinstance(carry, tuple) else x), out
+
+  return plan._replace(step=step)
+
+
 def make_plan(model_fn: ModelFn, schedule, key, *, method: str, num_steps: Optional[int] = None,
               eta: float = 0.0, prediction: str = 'eps', clip_x0: bool = True,
-              variance: str = 'small', spacing: str = 'uniform') -> Plan:
-  """The steps of a sampler, for ``sample`` to scan (or a caller to scan in chunks)."""
+              variance: str = 'small', spacing: str = 'uniform', replace=None) -> Plan:
+  """The steps of a sampler, for ``sample`` to scan (or a caller to scan in chunks).
+
+  ``replace=(observed, mask)`` conditions on observed entries by replacement (``_replacing``).
+  """
+  if replace is not None:
+    plan = make_plan(model_fn, schedule, key, method=method, num_steps=num_steps, eta=eta,
+                     prediction=prediction, clip_x0=clip_x0, variance=variance, spacing=spacing)
+    return _replacing(plan, replace, jax.random.fold_in(key, 0x5EED))
   diffusion.check_prediction(prediction, ('eps', 'x0', 'v'))
   num_steps = check_method(method, schedule, num_steps)
   if not 0.0 <= eta <= 1.0:
@@ -258,11 +289,13 @@ def make_plan(model_fn: ModelFn, schedule, key, *, method: str, num_steps: Optio
   return _sde_plan(model_fn, schedule, key, num_steps, prediction, method)
 
 
-def _plan(model_fn, schedule, key, method, num_steps, eta, prediction, clip_x0, variance, spacing):
+def _plan(model_fn, schedule, key, method, num_steps, eta, prediction, clip_x0, variance, spacing,
+          replace=None):
   """The plan for ``key`` (the step noise comes from its second half, as in ``sample``)."""
   _, step_key = jax.random.split(key)
   return make_plan(model_fn, schedule, step_key, method=method, num_steps=num_steps, eta=eta,
-                   prediction=prediction, clip_x0=clip_x0, variance=variance, spacing=spacing)
+                   prediction=prediction, clip_x0=clip_x0, variance=variance, spacing=spacing,
+                   replace=replace)
 
 
 def num_plan_steps(plan: Plan) -> int:
@@ -271,7 +304,7 @@ def num_plan_steps(plan: Plan) -> int:
 
 def _plan_options(options: dict) -> dict:
   defaults = dict(num_steps=None, eta=0.0, prediction='eps', clip_x0=True, variance='small',
-                  spacing='uniform')
+                  spacing='uniform', replace=None)
   unknown = set(options) - set(defaults) - {'method'}
   if unknown:
     raise TypeError(f'unknown sampling options {sorted(unknown)}')
@@ -326,16 +359,18 @@ def sample_finish(model_fn: ModelFn, schedule, key, carry, **options):
 def sample(model_fn: ModelFn, schedule, key, shape, *, method: str,
            num_steps: Optional[int] = None, eta: float = 0.0, prediction: str = 'eps',
            clip_x0: bool = True, x_T=None, variance: str = 'small', spacing: str = 'uniform',
-           return_trajectory: bool = False, progress: Optional[Callable[[int], None]] = None):
+           return_trajectory: bool = False, progress: Optional[Callable[[int], None]] = None,
+           replace=None):
   """Runs the reverse process from x_T ~ N(0, I) of ``shape`` and returns x_0 in model space.
 
   ``x_T`` fixes the starting noise. ``return_trajectory`` also returns (x_t, predicted x0), each
   [num_steps, *shape], after every step. ``progress(i)`` is called from the device after step i
   (a host callback: for progress bars; a computation with one is never kept in JAX's persistent
-  compilation cache). Jit-able; ``key`` draws x_T and all step noise.
+  compilation cache). Jit-able; ``key`` draws x_T and all step noise. ``replace=(observed,
+  mask)`` conditions on observed entries by replacement (see ``make_plan``).
   """
   plan = _plan(model_fn, schedule, key, method, num_steps, eta, prediction, clip_x0, variance,
-               spacing)  # one plan for all the steps
+               spacing, replace)  # one plan for all the steps
   result = _steps(plan, _start(plan, key, shape, x_T), 0, num_plan_steps(plan),
                   return_trajectory, progress)
   carry, trajectory = result if return_trajectory else (result, None)

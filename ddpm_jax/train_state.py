@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ddpm_jax import config_lib, losses
+from ddpm_jax import config_lib, losses, masking
 from ddpm_jax import schedules as schedules_lib
 from ddpm_jax.models import model_apply
 
@@ -66,6 +66,8 @@ def initial_state_fn(config, model, tx, schedule, example_shape):
     raise ValueError(f'unknown diffusion.timestep_sampling '
                      f'{config.diffusion.timestep_sampling!r}; choose one of '
                      f'{", ".join(losses.TIMESTEP_SAMPLINGS)}')
+  if config_lib.observed_input(config):  # the network also takes observed values and a mask
+    example_shape = tuple(example_shape[:-1]) + (3 * example_shape[-1],)
   return lambda: create_train_state(model, tx, config.training.seed, example_shape, loss_history)
 
 
@@ -86,16 +88,22 @@ def _all_finite(tree) -> jax.Array:
 
 def train_step(state: TrainState, batch: dict, *, model, tx, schedule, target: str,
                weighting: str, min_snr_gamma: float, ema_decay: float, random_flip: bool,
-               label_dropout: float):
+               label_dropout: float, mask_mix=None):
   """One update from a global batch {'x': [B, ...], 'label': [B]}; returns (state, metrics).
 
   An optional ``batch['stop']`` (int32 [B]) comes back as ``metrics['stop']``, its maximum: how
   the processes of a run agree to stop at the same step.
 
+  With ``mask_mix`` (a network with observed input) each window gets a mask drawn from that mix
+  (masking.training_masks); the network sees the observed values and the mask, and the loss
+  covers the hidden entries (CSDI's recipe).
+
   A non-finite loss or gradient leaves params, optimiser state and EMA unchanged and is counted.
   """
   step_key = jax.random.fold_in(state.key, state.step)
   flip_key, label_key, loss_key = jax.random.split(step_key, 3)
+  # A separate stream, so runs without masks keep the keys they always had.
+  mask_key = jax.random.fold_in(step_key, 1)
   x0 = batch['x']
   if random_flip:
     flip = jax.random.bernoulli(flip_key, 0.5, (x0.shape[0],) + (1,) * (x0.ndim - 1))
@@ -105,11 +113,18 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, target: s
     drop = jax.random.bernoulli(label_key, label_dropout, batch['label'].shape)
     labels = jnp.where(drop, model.num_classes, batch['label'])  # the null label
 
+  loss_mask, network_input = None, lambda x_t: x_t
+  if mask_mix is not None:
+    mask = masking.training_masks(mask_key, x0.shape, mask_mix)
+    loss_mask = masking.loss_mask(mask)
+    network_input = lambda x_t: masking.condition_input(x_t, x0, mask)
+
   def loss_fn(params):
-    apply_fn = lambda p, x_t, t, key: model_apply(model, p, x_t, t, labels, True, key)
+    apply_fn = lambda p, x_t, t, key: model_apply(model, p, network_input(x_t), t, labels, True,
+                                                  key)
     return losses.diffusion_loss(apply_fn, params, x0, loss_key, schedule, target=target,
                                  weighting=weighting, min_snr_gamma=min_snr_gamma,
-                                 loss_history=state.loss_history)
+                                 loss_history=state.loss_history, loss_mask=loss_mask)
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -143,6 +158,7 @@ def make_train_step(config, model, tx, schedule, state_sharding, batch_sharding,
       train_step, model=model, tx=tx, schedule=schedule, target=config.diffusion.target,
       weighting=config.diffusion.weighting, min_snr_gamma=config.diffusion.min_snr_gamma,
       ema_decay=config.optim.ema_decay, random_flip=config.data.random_flip,
-      label_dropout=config.training.label_dropout)
+      label_dropout=config.training.label_dropout,
+      mask_mix=(tuple(config.training.mask_mix) if config_lib.observed_input(config) else None))
   return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                  out_shardings=(state_sharding, metrics_sharding), donate_argnums=0)
