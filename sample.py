@@ -30,6 +30,16 @@ flags.DEFINE_string('fid_stats', '', 'With --eval: reference statistics (.npz wi
                     'instead of the run\'s data.')
 flags.DEFINE_string('inception_weights', '', 'With --eval: the FID network\'s weights (default: '
                     '$DDPM_JAX_INCEPTION_WEIGHTS or ~/.cache/ddpm_jax/inception/).')
+flags.DEFINE_enum('task', 'generate', ['generate', 'forecast', 'impute'], 'Series runs: '
+                  'generate windows, forecast --horizon steps, or fill missing values.')
+flags.DEFINE_integer('horizon', 24, 'forecast: steps to forecast (shorter than the window).')
+flags.DEFINE_string('series', '', 'forecast / impute: the CSV to read (default: the run\'s data).')
+flags.DEFINE_integer('num_windows', 100, 'forecast / impute --eval: test windows to score.')
+flags.DEFINE_float('missing', 0.3, 'impute --eval: fraction of points hidden at random.')
+flags.DEFINE_integer('block', 0, 'impute --eval: hide one block of this many steps per window '
+                     'instead of random points.')
+flags.DEFINE_integer('season', 24, 'forecast / impute --eval: the season of the baselines '
+                     '(24 for hourly data).')
 flags.mark_flags_as_required(['ckpt'])
 
 
@@ -40,13 +50,16 @@ def main(argv):
   f = flags.FLAGS
 
   def run():
-    out = f.out or str(inference.resolve_checkpoint(f.ckpt)[0] / 'generated' /
-                       (f.method or 'default'))
+    folder = 'generated' if f.task == 'generate' else f.task + ('_eval' if f.eval else '')
+    out = f.out or str(inference.resolve_checkpoint(f.ckpt)[0] / folder / (f.method or 'default'))
     generate.generate(f.ckpt, out, num_samples=f.num_samples, method=f.method,
                       num_steps=f.num_steps, eta=f.eta, seed=f.seed, batch_size=f.batch_size,
                       png_dir=f.png_dir, trajectory=f.trajectory, labels=f.labels,
                       guidance_scale=f.guidance_scale, evaluate=f.eval,
-                      fid_stats=f.fid_stats, inception_weights=f.inception_weights)
+                      fid_stats=f.fid_stats, inception_weights=f.inception_weights,
+                      task=f.task, horizon=f.horizon, series=f.series,
+                      num_windows=f.num_windows, missing=f.missing, block=f.block,
+                      season=f.season)
   cli.run('sample.py', run)
 
 

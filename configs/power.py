@@ -4,8 +4,10 @@
       --config.data.path=../shared/data/ETTh1.csv --config.data.columns=HUFL,HULL,MUFL,MULL,LUFL,LULL,OT
   python sample.py --ckpt=runs/power --num_samples=256 --method=ddim --num_steps=50 --eval
 
-Windows of 512 steps (any multiple of 8: --config.data.window=...), every stride-th start; the
-final 10% of the series is held out for validation. Values are z-scored per channel with
+Windows of 512 steps (any multiple of 8: --config.data.window=...), every stride-th start; in
+time order, the series is split into training (80%), validation (10%) and test (10%) parts, and
+no window crosses a boundary. The network is trained on windows with a mix of masks, so the same
+run generates, forecasts (sample.py --task=forecast) and imputes (--task=impute). Values are z-scored per channel with
 statistics of the training part, saved with the checkpoint, so sample.py writes samples in the
 original units. Meant for an accelerator; configs/power_small.py runs on a laptop CPU.
 """
@@ -22,7 +24,11 @@ def get_config():
   config.data.stride = 1
   config.data.normalization = 'zscore'
   config.data.val_fraction = 0.1
+  config.data.test_fraction = 0.1  # the final 10%: only sample.py --task=... --eval reads it
   config.model = default.model_1d()
+  # One network for generation, forecasting and imputation: it also takes the observed values
+  # and their mask, drawn per window from training.mask_mix (CSDI's recipe).
+  config.model.observed_input = True
   config.optim.learning_rate = 2e-4
   config.optim.warmup_steps = 1000
   config.optim.ema_decay = 0.999

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import config_lib, evaluation, images, inference, progress, timeseries
+from ddpm_jax import (config_lib, evaluation, images, inference, masking, progress, series_tasks,
+                      timeseries)
 
 
 class StepProgress(progress.CountProgress):
@@ -53,17 +54,44 @@ def trajectory_strip(x_t: np.ndarray, x0: np.ndarray, columns: int = 10) -> np.n
   return images.make_grid(tiles, columns=len(picks))
 
 
+def _series_task(sample_fn, params, config, task, out, *, num_samples, method, num_steps, eta,
+                 seed, batch_size, evaluate, horizon, series, num_windows, missing, block,
+                 season) -> pathlib.Path:
+  """sample.py --task=forecast|impute: checked, then run by ddpm_jax.series_tasks."""
+  if task == 'forecast':  # checked before anything is sampled or written
+    masking.forecast_mask(config.data.window, config.data.channels, horizon)
+  method, num_steps, steps = inference.resolve_method(
+      config, config_lib.schedule_from_config(config), method, num_steps or None)
+  batch_size = batch_size or config.sampling.batch_size
+  out = pathlib.Path(out).expanduser()
+  common = dict(series_path=series, evaluate=evaluate, num_windows=num_windows,
+                num_samples=num_samples, season=season, seed=seed, batch_size=batch_size,
+                progress_factory=lambda total: StepProgress(-(-total // batch_size) * steps),
+                method=method, num_steps=num_steps, eta=None if eta < 0 else eta)
+  if task == 'forecast':
+    result = series_tasks.forecast(sample_fn, params, out, horizon=horizon, **common)
+  else:
+    result = series_tasks.impute(sample_fn, params, out, missing=missing, block=block, **common)
+  if result:
+    print(series_tasks.format_scores(result))
+  print(f'wrote {out}')
+  return out
+
+
 def generate(ckpt: str, out: str, *, num_samples: int = 64, method: str = '',
              num_steps: int = 0, eta: float = -1.0, seed: int = 0, batch_size: int = 0,
              png_dir: str = '', trajectory: bool = False, labels: str = '',
              guidance_scale: float = -1.0, evaluate: bool = False, fid_stats: str = '',
-             inception_weights: str = '') -> pathlib.Path:
+             inception_weights: str = '', task: str = 'generate', horizon: int = 0,
+             series: str = '', num_windows: int = 100, missing: float = 0.3, block: int = 0,
+             season: int = 24) -> pathlib.Path:
   """Draws samples from the checkpoint at ``ckpt`` and writes them to ``out``.
 
   Images: grid.png and samples.npz (uint8 [N, H, W, C] under arr_0); series: samples.npy,
   samples.csv and windows.png. Unset options (empty, 0 or negative) take the run's
   config.sampling values. ``evaluate`` also writes metrics.json: FID / KID (images; against
-  ``fid_stats`` or the run's data) or the series metrics.
+  ``fid_stats`` or the run's data) or the series metrics. ``task`` forecast / impute: see
+  ddpm_jax.series_tasks (``num_samples`` is then the samples per window).
   """
   if num_samples < 1:
     raise ValueError(f'--num_samples must be at least 1, got {num_samples}')
@@ -72,6 +100,15 @@ def generate(ckpt: str, out: str, *, num_samples: int = 64, method: str = '',
   # Validated before anything is written: sample_fn checks the same again per batch.
   method, num_steps, steps = inference.resolve_method(
       config, config_lib.schedule_from_config(config), method, num_steps or None)
+  if task not in series_tasks.TASKS:
+    raise ValueError(f'unknown --task={task}; choose one of {", ".join(series_tasks.TASKS)}')
+  if task != 'generate':
+    if not config_lib.is_series(config):
+      raise ValueError(f'--task={task} needs a time-series run; {ckpt} models images')
+    return _series_task(sample_fn, params, config, task, out, num_samples=num_samples,
+                        method=method, num_steps=num_steps, eta=eta, seed=seed,
+                        batch_size=batch_size, evaluate=evaluate, horizon=horizon, series=series,
+                        num_windows=num_windows, missing=missing, block=block, season=season)
   if evaluate and not config_lib.is_series(config):
     evaluation.check_before_sampling(config, fid_stats, inception_weights)
   label_array = parse_labels(labels, num_samples)

@@ -1,6 +1,7 @@
-"""Quality metrics for generated time-series windows [N, L, C] against real ones (numpy only).
+"""Series metrics (numpy and scoringrules): generated windows [N, L, C] against real ones, and
+probabilistic forecasts / imputations against the values they hid, with honest baselines.
 
-Each is 0 for identical sets and grows with the difference:
+Generated windows, each 0 for identical sets and growing with the difference:
   marginal      mean over channels of the Wasserstein-1 distance between value distributions;
   acf           mean absolute difference of the per-channel autocorrelation up to ``max_lag``;
   cross_corr    mean absolute difference of the channel-channel correlation matrices;
@@ -12,6 +13,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import scoringrules
 
 from ddpm_jax.series_data import denormalize
 
@@ -132,3 +134,80 @@ def format_table(table: dict) -> str:
   for name, row in table.items():
     lines.append(f'{name:<{width}}' + ''.join(f'{row[m]:>16.4f}' for m in METRIC_NAMES))
   return '\n'.join(lines)
+
+
+# ---- Probabilistic forecasts and imputations: samples against the hidden true values ---------
+
+
+def _crps(samples: np.ndarray, observations: np.ndarray) -> np.ndarray:
+  """CRPS of each observation [...] under its ensemble samples [S, ...] (scoringrules)."""
+  return np.asarray(scoringrules.crps_ensemble(observations, np.moveaxis(samples, 0, -1),
+                                               m_axis=-1), np.float64)
+
+
+def probabilistic_scores(samples: np.ndarray, target: np.ndarray, hidden: np.ndarray) -> dict:
+  """Scores of samples [K, S, L, C] (S = 1 for a point forecast) for target [K, L, C] on the
+  entries where ``hidden`` [K, L, C] is true, all in original units:
+
+    crps            mean CRPS over the hidden entries;
+    crps_normalized sum of CRPS / sum of |target| (as CSDI reports it);
+    crps_sum        CRPS of the sum over hidden channels at each time step, normalised by the
+                    sum of |that sum| (as TimeGrad and CSDI report it);
+    mae, rmse       of the sample median.
+  """
+  hidden = hidden.astype(bool)
+  if not hidden.any():
+    raise ValueError('nothing is hidden: there is nothing to score')
+  crps = _crps(np.moveaxis(samples, 1, 0), target)  # [K, L, C]
+  median = np.median(samples, axis=1)
+  error = (median - target)[hidden]
+  weights = hidden.astype(np.float64)
+  summed_samples = np.einsum('kslc,klc->skl', samples, weights)  # [S, K, L]
+  summed_target = np.einsum('klc,klc->kl', target, weights)
+  steps = hidden.any(axis=-1)  # [K, L]
+  crps_sum = _crps(summed_samples, summed_target)[steps]
+  return {'crps': float(crps[hidden].mean()),
+          'crps_normalized': float(crps[hidden].sum() / np.abs(target[hidden]).sum()),
+          'crps_sum': float(crps_sum.sum() / np.abs(summed_target[steps]).sum()),
+          'mae': float(np.abs(error).mean()),
+          'rmse': float(np.sqrt((error ** 2).mean()))}
+
+
+def seasonal_naive(history: np.ndarray, horizon: int, season: int) -> np.ndarray:
+  """history [K, T, C] -> [K, horizon, C]: each step repeats the value one season earlier (the
+  last value when the history is shorter than a season)."""
+  if season < 1 or season > history.shape[1]:
+    return np.repeat(history[:, -1:], horizon, axis=1)
+  steps = np.arange(horizon)
+  return history[:, history.shape[1] - season + steps % season]
+
+
+def climatology_samples(train_rows: np.ndarray, count: int, shape: tuple,
+                        seed: int = 0) -> np.ndarray:
+  """[K, count, L, C]: every step drawn from the training rows [N, C] (the marginal law of the
+  training part; channels drawn jointly), the same ensemble for every window."""
+  rng = np.random.default_rng(seed)
+  rows = train_rows[rng.integers(0, len(train_rows), (count,) + tuple(shape[1:-1]))]
+  return np.broadcast_to(rows[None], (shape[0], count) + tuple(shape[1:])).copy()
+
+
+def linear_interpolation(windows: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  """windows [K, L, C] with mask (1 = observed) -> hidden entries filled by linear interpolation
+  between the observed neighbours of each channel (flat beyond the first and last)."""
+  filled = windows.copy()
+  steps = np.arange(windows.shape[1])
+  for k in range(windows.shape[0]):
+    for c in range(windows.shape[2]):
+      seen = mask[k, :, c] > 0
+      if seen.any() and not seen.all():
+        filled[k, ~seen, c] = np.interp(steps[~seen], steps[seen], windows[k, seen, c])
+  return filled
+
+
+def seasonal_profile(train_rows: np.ndarray, first_row: int, rows: np.ndarray,
+                     season: int) -> np.ndarray:
+  """The mean of the training rows [N, C] (row 0 at series row ``first_row``) at each phase of
+  the season, looked up for the series rows ``rows`` [...] -> [..., C]."""
+  phase = (np.arange(len(train_rows)) + first_row) % season
+  profile = np.stack([train_rows[phase == p].mean(axis=0) for p in range(season)])
+  return profile[rows % season]

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 COLOURS = ('tab:blue', 'tab:orange', 'tab:green', 'tab:red', 'tab:purple', 'tab:brown')
 
 
-def _save(figure: Figure, path) -> pathlib.Path:
+def save_figure(figure: Figure, path) -> pathlib.Path:
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   FigureCanvasAgg(figure)
@@ -47,7 +47,7 @@ def loss_curve(steps: Sequence[int], loss: Sequence[float], path) -> pathlib.Pat
   axes.set(xlabel='training step', ylabel='training loss', title='training loss')
   axes.grid(True, which='both', alpha=0.3)
   axes.legend()
-  return _save(figure, path)
+  return save_figure(figure, path)
 
 
 QUALITY_LABELS = {'eval_fd': 'feature FD (lower is better)', 'eval_confidence': 'mean confidence',
@@ -66,7 +66,7 @@ def quality_curve(records: Sequence[dict], path) -> pathlib.Path:
     axes.grid(True, alpha=0.3)
   if names:
     figure.axes[0].set_title('sample quality of the EMA parameters')
-  return _save(figure, path)
+  return save_figure(figure, path)
 
 
 def line_panels(panels: Sequence[dict], path, width: float = 9.0,
@@ -80,4 +80,4 @@ def line_panels(panels: Sequence[dict], path, width: float = 9.0,
     axes.set_title(panel.get('title', ''), fontsize=9)
     axes.set_xlabel(panel.get('xlabel', ''))
     axes.grid(True, alpha=0.3)
-  return _save(figure, path)
+  return save_figure(figure, path)

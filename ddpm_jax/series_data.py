@@ -59,6 +59,12 @@ class LazyWindows:
 def read_series(path: pathlib.Path, columns: str = '', time_column: str = 'date'):
   """Reads a CSV (a header row; ``columns`` names, comma-separated, '' = every column but the
   time column), a .npy [N, C] or a .npz (first array) -> (float64 [N, C], column names)."""
+  series, names, _ = read_series_with_times(path, columns, time_column)
+  return series, names
+
+
+def read_series_with_times(path: pathlib.Path, columns: str = '', time_column: str = 'date'):
+  """read_series, plus the time column's values in row order (strings; None when absent)."""
   wanted = [c.strip() for c in columns.split(',') if c.strip()]
   if path.suffix in ('.npy', '.npz'):
     if path.suffix == '.npy':
@@ -80,17 +86,19 @@ def read_series(path: pathlib.Path, columns: str = '', time_column: str = 'date'
                          f'0..{array.shape[1] - 1}')
       array = array[:, [int(c) for c in wanted]]
       names = wanted
-    return array.astype(np.float64), names
+    return array.astype(np.float64), names, None
   with open(path, newline='') as f:
     rows = list(csv.reader(f))
   if len(rows) < 2:
     raise ValueError(f'{path} has no data rows')
   header = [h.strip() for h in rows[0]]
   body = rows[1:]
+  times = None
   if time_column in header:
     time_index = header.index(time_column)
     order = sorted(range(len(body)), key=lambda r: body[r][time_index])  # ISO times sort as text
     body = [body[r] for r in order]
+    times = [row[time_index].strip() for row in body]
   names = wanted or [h for h in header if h != time_column]
   unknown = [c for c in names if c not in header]
   if unknown:
@@ -107,7 +115,7 @@ def read_series(path: pathlib.Path, columns: str = '', time_column: str = 'date'
       except ValueError:
         raise ValueError(f'column {name!r} of {path} is not numeric: row {r + 2} holds '
                          f'{cell[:40]!r}; choose numeric columns with --config.data.columns')
-  return array, names
+  return array, names, times
 
 
 def check_or_fill_nans(series: np.ndarray, names: Sequence[str], fill: bool, source: str):

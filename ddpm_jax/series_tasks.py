@@ -1,0 +1,375 @@
+"""Forecasting and imputation with a trained series run (``sample.py --task=forecast|impute``).
+
+The samples are conditioned on the observed values of each window: through the network for a
+run trained with ``model.observed_input`` (configs/power*.py), else by replacement (a
+training-free route; see sampling.make_plan). Everything written is in original units.
+
+  forecast           the ``horizon`` steps after the end of a series, from the window before
+  forecast --eval    a backtest on windows of the run's test part: the last ``horizon`` steps
+                     of each are hidden, forecast, and scored against seasonal naive and the
+                     training part's climatology
+  impute             the NaNs of a series, each window with gaps filled from the rest
+  impute --eval      random points (``missing``) or blocks (``block``) of test windows hidden,
+                     filled and scored against linear interpolation and the seasonal profile
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+import time
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+from matplotlib.figure import Figure
+
+from ddpm_jax import inference, input_pipeline, masking, metrics, plots, series_data
+
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+TASKS = ('generate', 'forecast', 'impute')
+
+
+class SeriesInput:
+  """The series a task reads, in original units [N, C], with its times and column names."""
+
+  def __init__(self, config, stats: dict, series_path: str = ''):
+    path = pathlib.Path(series_path or config.data.path).expanduser()
+    if not path.is_file():
+      raise FileNotFoundError(f'series {path} does not exist; pass --series=CSV')
+    columns = stats['columns']
+    try:
+      values, names, times = series_data.read_series_with_times(
+          path, ','.join(columns) if path.suffix == '.csv' else '', config.data.time_column)
+    except ValueError as error:
+      raise ValueError(f'{error} (the run was trained on columns {", ".join(columns)})') from None
+    if list(names) != list(columns):
+      raise ValueError(f'{path} has columns {", ".join(names)} but the run was trained on '
+                       f'{", ".join(columns)}')
+    if np.isnan(values).all():
+      raise ValueError(f'every value of {path} is missing')
+    self.path, self.values, self.times, self.names = path, values, times, list(columns)
+
+
+def _sample_windows(sample_fn, params, observed: np.ndarray, mask: np.ndarray, num_samples: int,
+                    *, seed: int, batch_size: int, progress, **options) -> np.ndarray:
+  """[K, S, L, C] samples (original units) for windows observed [K, L, C] (model space, 0 where
+  hidden) and mask [K, L, C]; each window repeated S times."""
+  repeat = lambda a: np.repeat(a, num_samples, axis=0)
+  flat = inference.sample_in_batches(
+      sample_fn, params, jax.random.key(seed), len(observed) * num_samples, batch_size,
+      observed=repeat(observed), mask=repeat(mask), progress=progress, **options)
+  return flat.reshape((len(observed), num_samples) + observed.shape[1:])
+
+
+def _times_after(times, count: int):
+  """``count`` times continuing ``times`` at its median spacing (None without parseable times)."""
+  if not times:
+    return None
+  try:
+    parsed = np.array(times, dtype='datetime64[s]')
+  except ValueError:
+    return None
+  step = np.median(np.diff(parsed[-50:]).astype(np.int64)).astype('timedelta64[s]')
+  return [str(parsed[-1] + step * (i + 1)).replace('T', ' ') for i in range(count)]
+
+
+def _as_datetimes(labels):
+  try:
+    return np.array(labels, dtype='datetime64[s]')
+  except (ValueError, TypeError):
+    return np.arange(len(labels))
+
+
+def fan_chart(context: np.ndarray, samples: np.ndarray, target: Optional[np.ndarray], names,
+              context_times, future_times, path, title: str) -> pathlib.Path:
+  """One panel per channel: the context, the 5-95% and 25-75% bands and median of the samples
+  [S, H, C], and the true values when known."""
+  channels = samples.shape[-1]
+  figure = Figure(figsize=(10, 1.9 * channels), layout='constrained')
+  low, q25, median, q75, high = np.quantile(samples, QUANTILES, axis=0)
+  x_context, x_future = _as_datetimes(context_times), _as_datetimes(future_times)
+  for c in range(channels):
+    axes = figure.add_subplot(channels, 1, c + 1)
+    axes.plot(x_context, context[:, c], color='black', lw=1, label='observed')
+    axes.fill_between(x_future, low[:, c], high[:, c], color=plots.COLOURS[0], alpha=0.2,
+                      label='5-95%')
+    axes.fill_between(x_future, q25[:, c], q75[:, c], color=plots.COLOURS[0], alpha=0.4,
+                      label='25-75%')
+    axes.plot(x_future, median[:, c], color=plots.COLOURS[0], lw=1.5, label='median')
+    if target is not None:
+      axes.plot(x_future, target[:, c], color=plots.COLOURS[3], lw=1, label='true')
+    axes.set_ylabel(names[c])
+    axes.grid(True, alpha=0.3)
+  figure.axes[0].set_title(title)
+  figure.axes[0].legend(loc='upper left', fontsize=7, ncol=5)
+  return plots.save_figure(figure, path)
+
+
+def _write_quantile_csv(path, samples: np.ndarray, names, times_of, target=None) -> None:
+  """One row per (window, step): the median and quantiles of each channel (and the truth)."""
+  quantiles = np.quantile(samples, QUANTILES, axis=1)  # [Q, K, H, C]
+  with open(path, 'w', newline='') as f:
+    writer = csv.writer(f)
+    header = ['window', 'time']
+    for name in names:
+      header += [f'{name}_median', f'{name}_q05', f'{name}_q25', f'{name}_q75', f'{name}_q95']
+      if target is not None:
+        header.append(f'{name}_true')
+    writer.writerow(header)
+    for k in range(samples.shape[0]):
+      for h in range(samples.shape[2]):
+        row = [k, times_of(k, h)]
+        for c in range(len(names)):
+          q = quantiles[:, k, h, c]
+          row += [f'{q[2]:.6g}', f'{q[0]:.6g}', f'{q[1]:.6g}', f'{q[3]:.6g}', f'{q[4]:.6g}']
+          if target is not None:
+            row.append(f'{target[k, h, c]:.6g}')
+        writer.writerow(row)
+
+
+def _test_windows(config, series: SeriesInput, num_windows: int):
+  """(windows [K, L, C] original units, their first rows [K], the source): evenly spaced
+  windows of the test part."""
+  source = input_pipeline.SeriesSource(
+      series.values.astype(np.float32), series.names, config.data.window, config.data.stride,
+      config.data.val_fraction, config.data.normalization,
+      test_fraction=config.data.get('test_fraction', 0.0))
+  if source.test is None:
+    raise ValueError(f'{series.path} has no test part as long as one window '
+                     f'(data.test_fraction={config.data.get("test_fraction", 0.0)}); train with '
+                     '--config.data.test_fraction=0.1 (configs/power*.py do)')
+  if np.isnan(series.values).any():
+    raise ValueError(f'{series.path} has missing values; --eval scores on a complete series')
+  picks = np.unique(np.linspace(0, len(source.test) - 1, min(num_windows, len(source.test)))
+                    .astype(int))
+  windows = series_data.denormalize(source.test.get_batch(picks)['x'], source.stats)
+  first_rows = source.row_ranges['test'][0] + picks * source.test.stride
+  return windows.astype(np.float64), first_rows, source
+
+
+def _normalize(values: np.ndarray, stats: dict) -> np.ndarray:
+  return series_data.normalize(np.nan_to_num(values), stats)
+
+
+def forecast(sample_fn, params, out: pathlib.Path, *, horizon: int, series_path: str = '',
+             evaluate: bool = False, num_windows: int = 100, num_samples: int = 100,
+             season: int = 24, seed: int = 0, batch_size: int = 256,
+             progress_factory: Callable = None, **options) -> dict:
+  """Forecasts ``horizon`` steps (see the module docstring); writes forecast.npz, forecast.csv,
+  forecast.png (and metrics.json with ``evaluate``). Returns the metrics (or {})."""
+  config, stats = sample_fn.config, sample_fn.data_stats
+  length, channels = config.data.window, config.data.channels
+  mask = masking.forecast_mask(length, channels, horizon)
+  series = SeriesInput(config, stats, series_path)
+  if evaluate:
+    windows, first_rows, source = _test_windows(config, series, num_windows)
+  else:
+    if len(series.values) < length - horizon:
+      raise ValueError(f'{series.path} has {len(series.values)} rows; a forecast needs the '
+                       f'{length - horizon} before it (window {length} - horizon {horizon})')
+    tail = series.values[len(series.values) - (length - horizon):]
+    if np.isnan(tail).any():
+      raise ValueError(f'the last {length - horizon} rows of {series.path} have missing values; '
+                       'impute them first (--task=impute)')
+    windows = np.concatenate([tail, np.zeros((horizon, channels))])[None]
+    first_rows = np.array([len(series.values) - (length - horizon)])
+  masks = np.broadcast_to(mask, windows.shape).astype(np.float32)
+  progress = progress_factory(len(windows) * num_samples) if progress_factory else None
+  start = time.time()
+  try:
+    samples = _sample_windows(sample_fn, params, _normalize(windows, stats) * masks, masks,
+                              num_samples, seed=seed, batch_size=batch_size, progress=progress,
+                              **options)
+  finally:
+    if progress is not None:
+      progress.close()
+  elapsed = time.time() - start
+  out.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves nothing behind
+  context, future = windows[:, :length - horizon], samples[:, :, length - horizon:]
+  target = windows[:, length - horizon:] if evaluate else None
+  arrays = dict(samples=future.astype(np.float32), context=context.astype(np.float32),
+                first_rows=first_rows)
+  if target is not None:
+    arrays['target'] = target.astype(np.float32)
+  np.savez(out / 'forecast.npz', **arrays)
+  times = series.times
+  if evaluate or times is None:
+    times_of = (lambda k, h: times[first_rows[k] + length - horizon + h]) if times else \
+        (lambda k, h: int(first_rows[k] + length - horizon + h))
+    future_times = ([times[first_rows[0] + length - horizon + h] for h in range(horizon)]
+                    if times else list(range(horizon)))
+  else:
+    future_times = _times_after(times, horizon) or list(range(horizon))
+    times_of = lambda k, h: future_times[h]
+  _write_quantile_csv(out / 'forecast.csv', future, series.names, times_of, target)
+  context_times = ([times[first_rows[0] + i] for i in range(length - horizon)] if times
+                   else list(range(-(length - horizon), 0)))
+  fan_chart(context[0], future[0], None if target is None else target[0], series.names,
+            context_times, future_times, out / 'forecast.png',
+            f'{horizon}-step forecast, {num_samples} samples' + (' (test window 0)' if evaluate
+                                                                else ''))
+  print(f'{len(windows) * num_samples} forecast samples ({len(windows)} window(s) x '
+        f'{num_samples}) in {elapsed:.1f} s, compilation included')
+  if not evaluate:
+    return {}
+  hidden = np.ones(target.shape, bool)
+  train_rows = series.values[:source.row_ranges['train'][1]]
+  result = _result('forecast', dict(horizon=horizon), len(windows), num_samples, elapsed, {
+      'model': metrics.probabilistic_scores(future, target, hidden),
+      'seasonal_naive': metrics.probabilistic_scores(
+          metrics.seasonal_naive(context, horizon, season)[:, None], target, hidden),
+      'climatology': metrics.probabilistic_scores(
+          metrics.climatology_samples(train_rows, num_samples, target.shape, seed), target,
+          hidden)})
+  (out / 'metrics.json').write_text(json.dumps(result, indent=2) + '\n')
+  return result
+
+
+def _result(task, settings, num_windows, num_samples, elapsed, scores) -> dict:
+  return {'task': task, **settings, 'num_windows': num_windows, 'num_samples': num_samples,
+          'seconds': round(elapsed, 2),
+          'samples_per_second': round(num_windows * num_samples / elapsed, 1), 'scores': scores}
+
+
+def _covering_starts(rows: int, length: int) -> np.ndarray:
+  """Window starts that cover rows 0..rows-1: every length-th, plus one ending at the last row."""
+  starts = list(range(0, rows - length + 1, length))
+  if starts[-1] + length < rows:
+    starts.append(rows - length)
+  return np.array(starts)
+
+
+def impute(sample_fn, params, out: pathlib.Path, *, series_path: str = '',
+           evaluate: bool = False, num_windows: int = 100, num_samples: int = 100,
+           missing: float = 0.3, block: int = 0, season: int = 24, seed: int = 0,
+           batch_size: int = 256, progress_factory: Callable = None, **options) -> dict:
+  """Fills missing values (see the module docstring); writes imputed.csv, imputed.png,
+  imputation.npz (and metrics.json with ``evaluate``). Returns the metrics (or {})."""
+  config, stats = sample_fn.config, sample_fn.data_stats
+  length = config.data.window
+  series = SeriesInput(config, stats, series_path)
+  if evaluate:
+    windows, first_rows, source = _test_windows(config, series, num_windows)
+    masks = masking.evaluation_mask(np.random.default_rng(seed), windows.shape, missing, block)
+  else:
+    if len(series.values) < length:
+      raise ValueError(f'{series.path} has {len(series.values)} rows, fewer than one window '
+                       f'({length})')
+    gaps = np.isnan(series.values)
+    if not gaps.any():
+      raise ValueError(f'{series.path} has no missing values: nothing to impute (--eval hides '
+                       'values of test windows to score the imputation)')
+    starts = _covering_starts(len(series.values), length)
+    rows = starts[:, None] + np.arange(length)
+    keep = gaps[rows].any(axis=(1, 2))  # windows with something to fill
+    first_rows, windows = starts[keep], series.values[rows[keep]]
+    masks = (~np.isnan(windows)).astype(np.float32)
+    if not masks.any(axis=(1, 2)).all():
+      raise ValueError('a window of the series has no observed value at all; the imputation '
+                       'needs some observations in every window')
+  progress = progress_factory(len(windows) * num_samples) if progress_factory else None
+  start = time.time()
+  try:
+    samples = _sample_windows(sample_fn, params, _normalize(windows, stats) * masks, masks,
+                              num_samples, seed=seed, batch_size=batch_size, progress=progress,
+                              **options)
+  finally:
+    if progress is not None:
+      progress.close()
+  elapsed = time.time() - start
+  out.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves nothing behind
+  print(f'{len(windows) * num_samples} imputation samples ({len(windows)} window(s) x '
+        f'{num_samples}) in {elapsed:.1f} s, compilation included')
+  np.savez(out / 'imputation.npz', samples=samples.astype(np.float32),
+           mask=masks.astype(np.float32), first_rows=first_rows,
+           **({'target': windows.astype(np.float32)} if evaluate else {}))
+  if evaluate:
+    hidden = masks == 0
+    train_rows = series.values[:source.row_ranges['train'][1]]
+    profile = metrics.seasonal_profile(train_rows, 0, first_rows[:, None] + np.arange(length),
+                                       season)
+    settings = dict(block=block) if block else dict(missing=missing)
+    result = _result('impute', settings, len(windows), num_samples, elapsed, {
+        'model': metrics.probabilistic_scores(samples, windows, hidden),
+        'linear_interpolation': metrics.probabilistic_scores(
+            metrics.linear_interpolation(windows, masks)[:, None], windows, hidden),
+        'seasonal_profile': metrics.probabilistic_scores(profile[:, None], windows, hidden)})
+    (out / 'metrics.json').write_text(json.dumps(result, indent=2) + '\n')
+    _plot_imputation(windows[0], masks[0], samples[0], series, first_rows[0],
+                     out / 'imputed.png', truth=True)
+    return result
+  filled, quantiles = _fill_series(series.values, first_rows, samples)
+  _write_imputed_csv(out / 'imputed.csv', series, filled, quantiles)
+  _plot_imputation(series.values[first_rows[0]:first_rows[0] + length], masks[0], samples[0],
+                   series, first_rows[0], out / 'imputed.png', truth=False)
+  return {}
+
+
+def _fill_series(values: np.ndarray, first_rows, samples: np.ndarray):
+  """The series with each NaN replaced by its sample median; quantiles [Q, N, C] (NaN where
+  observed). A row covered by two windows takes the later one's samples."""
+  quantiles = np.full((len(QUANTILES),) + values.shape, np.nan)
+  length = samples.shape[2]
+  for k, first in enumerate(first_rows):
+    quantiles[:, first:first + length] = np.quantile(samples[k], QUANTILES, axis=0)
+  gaps = np.isnan(values)
+  quantiles[:, ~gaps] = np.nan
+  filled = np.where(gaps, quantiles[2], values)
+  return filled, quantiles
+
+
+def _write_imputed_csv(path, series: SeriesInput, filled, quantiles) -> None:
+  gaps = np.isnan(series.values)
+  with open(path, 'w', newline='') as f:
+    writer = csv.writer(f)
+    header = ['time'] + list(series.names)
+    for name in series.names:
+      header += [f'{name}_imputed', f'{name}_q05', f'{name}_q25', f'{name}_q75', f'{name}_q95']
+    writer.writerow(header)
+    for r in range(len(filled)):
+      row = [series.times[r] if series.times else r] + [f'{v:.6g}' for v in filled[r]]
+      for c in range(filled.shape[1]):
+        q = quantiles[:, r, c]
+        row += [int(gaps[r, c])] + ['' if np.isnan(v) else f'{v:.6g}'
+                                    for v in (q[0], q[1], q[3], q[4])]
+      writer.writerow(row)
+
+
+def _plot_imputation(window, mask, samples, series: SeriesInput, first_row: int, path,
+                     truth: bool) -> None:
+  """One window: observed points, the sample median and 5-95% band on the hidden ones (and the
+  hidden truth under --eval)."""
+  channels = window.shape[-1]
+  figure = Figure(figsize=(10, 1.9 * channels), layout='constrained')
+  rows = first_row + np.arange(window.shape[0])
+  x = _as_datetimes([series.times[r] for r in rows]) if series.times else rows
+  low, median, high = np.quantile(samples, (0.05, 0.5, 0.95), axis=0)
+  for c in range(channels):
+    axes = figure.add_subplot(channels, 1, c + 1)
+    seen = mask[:, c] > 0
+    axes.fill_between(x, low[:, c], high[:, c], color=plots.COLOURS[0], alpha=0.25,
+                      label='5-95%')
+    axes.plot(x, np.where(seen, np.nan, median[:, c]), 'o', ms=2.5, color=plots.COLOURS[0],
+              label='imputed median')
+    axes.plot(x, np.where(seen, window[:, c], np.nan), '.-', ms=3, lw=0.8, color='black',
+              label='observed')
+    if truth:
+      axes.plot(x, np.where(seen, np.nan, window[:, c]), 'x', ms=3, color=plots.COLOURS[3],
+                label='hidden truth')
+    axes.set_ylabel(series.names[c])
+    axes.grid(True, alpha=0.3)
+  figure.axes[0].set_title('imputation of one window')
+  figure.axes[0].legend(loc='upper left', fontsize=7, ncol=4)
+  plots.save_figure(figure, path)
+
+
+def format_scores(result: dict) -> str:
+  """The scores of metrics.json as a plain-text table: one row per method."""
+  names = ('crps', 'crps_normalized', 'crps_sum', 'mae', 'rmse')
+  width = max(len(method) for method in result['scores']) + 2
+  lines = [' ' * width + ''.join(f'{n:>17}' for n in names)]
+  for method, scores in result['scores'].items():
+    lines.append(f'{method:<{width}}' + ''.join(f'{scores[n]:>17.4f}' for n in names))
+  return '\n'.join(lines)
