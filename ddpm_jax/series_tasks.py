@@ -50,6 +50,7 @@ class SeriesInput:
     if np.isnan(values).all():
       raise ValueError(f'every value of {path} is missing')
     self.path, self.values, self.times, self.names = path, values, times, list(columns)
+    self.time_column = config.data.time_column if times else 'row'
 
 
 def _sample_windows(sample_fn, params, observed: np.ndarray, mask: np.ndarray, num_samples: int,
@@ -324,7 +325,7 @@ def _write_imputed_csv(path, series: SeriesInput, filled, quantiles) -> None:
   gaps = np.isnan(series.values)
   with open(path, 'w', newline='') as f:
     writer = csv.writer(f)
-    header = ['time'] + list(series.names)
+    header = [series.time_column] + list(series.names)
     for name in series.names:
       header += [f'{name}_imputed', f'{name}_q05', f'{name}_q25', f'{name}_q75', f'{name}_q95']
     writer.writerow(header)
