@@ -116,8 +116,12 @@ def test_etth1_from_shared_data(shared_data):
   config.path = str(shared_data / 'ETTh1.csv')
   source = input_pipeline.series_source(shared_data / 'ETTh1.csv', config)
   assert source.names == ['HUFL', 'HULL', 'MUFL', 'MULL', 'LUFL', 'LULL', 'OT']
-  assert source.train.series.shape == (17420 - 1742, 7)
-  assert len(source) == 17420 - 1742 - 64 + 1
+  # train | validation | test in time order, 10% each for the last two (configs/power.py)
+  assert source.row_ranges == {'train': (0, 13936), 'validation': (13936, 15678),
+                               'test': (15678, 17420)}
+  assert source.train.series.shape == (13936, 7)
+  assert len(source) == 13936 - 64 + 1
+  assert len(source.test) == 1742 - 64 + 1
   assert source.info().shape == (64, 7)
 
 
