@@ -3,8 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default
-from ddpm_jax.models import UNet, create_model
+from configs import cifar10, default
+from ddpm_jax.models import UNet, compute_dtype, create_model
 
 
 def tiny(**overrides):
@@ -117,3 +117,13 @@ def test_bad_input():
                               jnp.array([0, 11]))
   with pytest.raises(ValueError, match=r'\[B, L, C\] inputs, got shape \(1, 8, 8, 1\)'):
     tiny(spatial_dims=1).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), t)
+
+
+def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_cpu():
+  assert compute_dtype('auto', 'gpu') == compute_dtype('auto', 'tpu') == jnp.bfloat16
+  assert compute_dtype('auto', 'cpu') == jnp.float32
+  assert compute_dtype('bfloat16', 'cpu') == jnp.bfloat16  # an explicit choice is kept
+  assert cifar10.get_config().model.dtype == 'auto'
+  assert create_model(cifar10.get_config()).dtype == compute_dtype('auto', jax.default_backend())
+  with pytest.raises(ValueError, match="unknown model.dtype 'fp8'; choose auto or one of"):
+    compute_dtype('fp8')

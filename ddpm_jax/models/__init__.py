@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from ddpm_jax.config_lib import MODEL_FIELD_DEFAULTS
 from ddpm_jax.models.unet import UNet
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+# 'auto': bfloat16 where the matrix units run it natively, float32 on CPU, where XLA emulates
+# bfloat16 arithmetic and it is slower, not faster.
+ACCELERATOR_BACKENDS = ('gpu', 'tpu')
+
+
+def compute_dtype(name: str, backend: str | None = None):
+  """The network's compute dtype for ``model.dtype`` (parameters stay float32 in every case)."""
+  if name == 'auto':
+    backend = backend or jax.default_backend()
+    return jnp.bfloat16 if backend in ACCELERATOR_BACKENDS else jnp.float32
+  if name not in DTYPES:
+    raise ValueError(f'unknown model.dtype {name!r}; choose auto or one of {", ".join(DTYPES)}')
+  return DTYPES[name]
 
 
 def create_model(config) -> UNet:
   """Builds the UNet from a full config (the ConfigDict that ``configs/*.py`` return)."""
   model = config.model
-  if model.dtype not in DTYPES:
-    raise ValueError(f'unknown model.dtype {model.dtype!r}; choose one of {", ".join(DTYPES)}')
+  dtype = compute_dtype(model.dtype)
   if model.spatial_dims not in (1, 2):
     raise ValueError(f'model.spatial_dims must be 1 (windows) or 2 (images), got {model.spatial_dims}')
   continuous = config.diffusion.schedule.startswith('vp_')
@@ -30,7 +43,7 @@ def create_model(config) -> UNet:
       num_classes=model.num_classes,
       spatial_dims=model.spatial_dims,
       time_scale=1000.0 if continuous else 1.0,
-      dtype=DTYPES[model.dtype],
+      dtype=dtype,
       **{name: type(default)(model.get(name, default))
          for name, default in MODEL_FIELD_DEFAULTS.items()},
   )
@@ -42,4 +55,4 @@ def model_apply(model, params, x_t, t, labels=None, train=False, dropout_key=Non
   return model.apply({'params': params}, x_t, t, labels, train=train, rngs=rngs)
 
 
-__all__ = ['UNet', 'create_model', 'model_apply']
+__all__ = ['UNet', 'compute_dtype', 'create_model', 'model_apply']
