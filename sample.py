@@ -11,8 +11,8 @@ from absl import app, flags
 flags.DEFINE_string('ckpt', None, 'A training workdir, its checkpoints/ or one checkpoints/<step>.')
 flags.DEFINE_string('out', '', 'Output folder (default: <workdir>/generated/<method>).')
 flags.DEFINE_integer('num_samples', 64, 'How many samples.')
-flags.DEFINE_string('method', '', 'ddpm | ddim | dpm_solver++ | euler_maruyama | ode '
-                    '(default: the config\'s sampling.method).')
+flags.DEFINE_string('method', '', 'ddpm | ddim | dpm_solver++ | dpm_solver++3m | euler_maruyama '
+                    '| ode (default: the config\'s sampling.method).')
 flags.DEFINE_integer('num_steps', 0, 'Reverse steps (default: the config\'s; ddpm takes all T).')
 flags.DEFINE_float('eta', -1.0, 'DDIM eta in [0, 1] (default: the config\'s).')
 flags.DEFINE_integer('seed', 0, 'Random seed; the same seed reproduces the same samples.')

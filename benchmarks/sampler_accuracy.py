@@ -6,7 +6,7 @@ Data x0 ~ 0.3 N(-0.6, 0.15²) + 0.7 N(0.5, 0.2²) (the tests' mixture), whose op
 prediction is known in closed form (tests/analytic.py), so every error in the table is the
 sampler's own, plus Monte-Carlo noise of --num_samples draws (at 50,000: about 0.3% on the
 spread and 0.002 on the weight; the deterministic samplers share their x_T, so they share it). For the linear and the cosine schedule (discrete T = 1000 for ddpm, ddim and
-dpm_solver++; their VP-SDE counterparts for euler_maruyama and ode) and 5, 10, 20, 50, 100 and
+the dpm_solver++ methods; their VP-SDE counterparts for euler_maruyama and ode) and 5, 10, 20, 50, 100 and
 1000 network calls, it reports the relative error of the spread (std), the error of each
 component's mean, and the error of the weight of the larger component. Writes
 benchmarks/results/sampler_accuracy.md.
@@ -34,7 +34,7 @@ SCHEDULES = {
     'linear': (schedules.linear(1000), schedules.vp_linear()),
     'cosine': (schedules.cosine(1000), schedules.vp_cosine()),
 }
-METHODS = ('ddpm', 'ddim', 'dpm_solver++', 'euler_maruyama', 'ode')
+METHODS = ('ddpm', 'ddim', 'dpm_solver++', 'dpm_solver++3m', 'euler_maruyama', 'ode')
 
 
 def errors(samples: np.ndarray) -> dict:
@@ -89,10 +89,12 @@ def main():
   lines = [f'Exact denoiser of 0.3 N(-0.6, 0.15²) + 0.7 N(0.5, 0.2²); {args.num_samples:,} '
            f'samples per cell (seed {args.seed}). Cells: spread error (std / true std - 1) / '
            f'largest error of a component mean / weight error of the larger component; '
-           f'- where the method cannot make that many calls (ddpm takes T = 1000, ode 2 a step, dpm_solver++ at most T - 1 discrete steps).',
+           f'- where the method cannot make that many calls (ddpm takes T = 1000, ode 2 a '
+           f'step, the dpm_solver++ methods at most T - 1 discrete steps).',
            '']
   for schedule_name in SCHEDULES:
-    lines += [f'**{schedule_name} schedule** (ddpm, ddim, dpm_solver++: discrete T = 1000; '
+    lines += [f'**{schedule_name} schedule** (ddpm, ddim, dpm_solver++, dpm_solver++3m: '
+              f'discrete T = 1000; '
               f'euler_maruyama, ode: the VP-SDE {schedule_name} schedule)', '',
               '| method | ' + ' | '.join(f'{c} calls' for c in CALLS) + ' |',
               '|---|' + '---|' * len(CALLS)]

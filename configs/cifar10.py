@@ -36,7 +36,5 @@ def get_config():
   config.training.log_every = 100
   config.training.checkpoint_every = 10_000
   config.training.sample_every = 10_000
-  config.sampling.method = 'ddim'
-  config.sampling.num_steps = 100
   config.sampling.variance = 'large'  # for method=ddpm: the paper's FID 3.17 setting
   return config

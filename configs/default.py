@@ -113,8 +113,10 @@ def get_config():
   ))
 
   config.sampling = ml_collections.ConfigDict(dict(
-      method='ddim',  # ddpm | ddim | dpm_solver++ | euler_maruyama | ode
-      num_steps=50,
+      # ddpm | ddim | dpm_solver++ | dpm_solver++3m | euler_maruyama | ode. dpm_solver++ at 20
+      # steps: benchmarks/sampler_accuracy.py and the digits FID/FD in the README.
+      method='dpm_solver++',
+      num_steps=20,
       eta=0.0,
       spacing='uniform',  # ddim: uniform | quadratic
       variance='small',  # ddpm: small (beta-tilde) | large (beta)
