@@ -266,28 +266,29 @@ def _sde_plan(model_fn, schedule, key, num_steps, prediction, method):
     alpha, sigma = schedule.mean_coef(xs['t']), schedule.std(xs['t'])
     return x, (x, (x - sigma * eps) / alpha)
 
+  alpha_next, sigma_next = _alpha_sigma_np(schedule, t_next)  # where each step lands
   xs = dict(i=jnp.arange(num_steps), t=jnp.asarray(t), t_next=jnp.asarray(t_next),
-            last=jnp.arange(num_steps) == num_steps - 1)
+            last=jnp.arange(num_steps) == num_steps - 1, alpha_next=jnp.asarray(alpha_next),
+            sigma_next=jnp.asarray(sigma_next))
   return Plan(step, xs, num_steps * (2 if method == 'ode' else 1))
 
 
 def _replacing(plan: Plan, replace, key) -> Plan:
   """The plan with the observed entries of x put back after every step, noised to the level the
   step lands on: x = mask * (alpha_next observed + sigma_next z) + (1 - mask) x (RePaint's
-  replacement, without its resampling). It makes an unconditional model condition on
-  observations without training; the hidden part is only approximately from the conditional
-  law. ``replace``: (observed, mask), each shaped like x, in model space."""
-  if 'alpha_next' not in plan.xs:
-    raise ValueError('replacement conditioning works with ddpm, ddim and dpm_solver++(3m)')
+  replacement, without its resampling). For an unconditional model it is the conditioning, made
+  without training (the hidden part is only approximately from the conditional law); for a
+  network that takes the observations it keeps x_t at observed entries as training drew it.
+  ``replace``: (observed, mask), each shaped like x, in model space."""
   observed, mask = replace
 
   def step(carry, xs):
-    carry, out = plan.step(carry, xs)
+    carry, (_, x0) = plan.step(carry, xs)
     x = carry[0] if isinstance(carry, tuple) else carry
     noise = jax.random.normal(jax.random.fold_in(key, jnp.asarray(xs['t'] * 1000, jnp.int32)),
                               x.shape, x.dtype)
     x = jnp.where(mask > 0, xs['alpha_next'] * observed + xs['sigma_next'] * noise, x)
-    return ((x,) + tuple(carry[1:]) if isinstance(carry, tuple) else x), out
+    return ((x,) + tuple(carry[1:]) if isinstance(carry, tuple) else x), (x, x0)
 
   return plan._replace(step=step)
 
