@@ -37,5 +37,4 @@ def get_config():
   config.training.checkpoint_every = 5000
   config.training.sample_every = 5000
   config.training.num_sample_images = 4
-  config.sampling.num_steps = 50
   return config

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from matplotlib.figure import Figure
 
-from ddpm_jax import inference, input_pipeline, masking, metrics, plots, series_data
+from ddpm_jax import config_lib, inference, input_pipeline, masking, metrics, plots, series_data
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 TASKS = ('generate', 'forecast', 'impute')
@@ -217,7 +217,7 @@ def forecast(sample_fn, params, out: pathlib.Path, *, horizon: int, series_path:
     return {}
   hidden = np.ones(target.shape, bool)
   train_rows = series.values[:source.row_ranges['train'][1]]
-  result = _result('forecast', dict(horizon=horizon), len(windows), num_samples, elapsed, {
+  result = _result(config, 'forecast', dict(horizon=horizon), len(windows), num_samples, elapsed, {
       'model': metrics.probabilistic_scores(future, target, hidden),
       'seasonal_naive': metrics.probabilistic_scores(
           metrics.seasonal_naive(context, horizon, season)[:, None], target, hidden),
@@ -228,8 +228,10 @@ def forecast(sample_fn, params, out: pathlib.Path, *, horizon: int, series_path:
   return result
 
 
-def _result(task, settings, num_windows, num_samples, elapsed, scores) -> dict:
-  return {'task': task, **settings, 'num_windows': num_windows, 'num_samples': num_samples,
+def _result(config, task, settings, num_windows, num_samples, elapsed, scores) -> dict:
+  route = 'network' if config_lib.observed_input(config) else 'replacement'
+  return {'task': task, **settings, 'conditioning': route,
+          'num_windows': num_windows, 'num_samples': num_samples,
           'seconds': round(elapsed, 2),
           'samples_per_second': round(num_windows * num_samples / elapsed, 1), 'scores': scores}
 
@@ -292,7 +294,7 @@ def impute(sample_fn, params, out: pathlib.Path, *, series_path: str = '',
     profile = metrics.seasonal_profile(train_rows, 0, first_rows[:, None] + np.arange(length),
                                        season)
     settings = dict(block=block) if block else dict(missing=missing)
-    result = _result('impute', settings, len(windows), num_samples, elapsed, {
+    result = _result(config, 'impute', settings, len(windows), num_samples, elapsed, {
         'model': metrics.probabilistic_scores(samples, windows, hidden),
         'linear_interpolation': metrics.probabilistic_scores(
             metrics.linear_interpolation(windows, masks)[:, None], windows, hidden),
