@@ -38,9 +38,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from benchmarks.diffusers_parity import CIFAR10 as CIFAR10_LAYOUT  # noqa: E402
 from configs import default  # noqa: E402
-from ddpm_jax import interop, losses, schedules  # noqa: E402
+from ddpm_jax import interop, schedules  # noqa: E402
 from ddpm_jax.models import model_apply  # noqa: E402
 
 CIFAR10 = dict(CIFAR10_LAYOUT, dropout=0.1)  # the paper trains with dropout 0.1
@@ -111,14 +112,7 @@ def main():
   opt_state = tx.init(params)
   x0 = jnp.asarray(x0_nchw.transpose(0, 2, 3, 1))
 
-  @jax.jit
-  def jax_train_step(params, opt_state, key):
-    def loss_fn(p):
-      apply_fn = lambda p_, x_t, t, k: model_apply(model, p_, x_t, t, None, True, k)
-      return losses.diffusion_loss(apply_fn, p, x0, key, schedule)[0]
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+  jax_train_step = jax.jit(common.adam_diffusion_step(model, schedule, x0, tx))
 
   forward = jax.jit(lambda p, x, t: model_apply(model, p, x, t))
   x_eval_jax = jnp.asarray(x_eval.numpy().transpose(0, 2, 3, 1))
