@@ -13,8 +13,9 @@ from ddpm_jax import schedules as schedules_lib
 CHECKPOINT_SECTIONS = ('model', 'diffusion')
 CHECKPOINT_DATA_FIELDS = ('image_size', 'channels', 'window', 'columns', 'normalization')
 SERIES = 'series'
-# Fields of those sections that only change training, not what a checkpoint holds or computes.
-TRAINING_ONLY_FIELDS = (('model', 'dropout'),)
+# Fields of those sections that change how a run trains or computes, not what a checkpoint holds:
+# dtype is the compute precision; parameters, Adam and EMA are float32 whatever it is.
+TRAINING_ONLY_FIELDS = (('model', 'dropout'), ('model', 'dtype'))
 # Model fields added after runs were written; a config.json without them means these values.
 MODEL_FIELD_DEFAULTS = dict(flip_sin_to_cos=False, freq_shift=1.0, norm_eps=1e-6,
                             attention_head_dim=0, downsample_padding=0)

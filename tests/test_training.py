@@ -294,6 +294,18 @@ def test_checkpoint_of_another_model_is_an_error_and_is_not_renamed(tmp_path):
   assert sorted(p.name for p in checkpoints.iterdir()) == ['2', '4']
 
 
+def test_workdir_check_names_what_changes_the_checkpoint_and_not_compute_settings():
+  from ddpm_jax import config_lib
+  saved = tiny_config(name='digits')
+  current = tiny_config(name='digits')
+  # Compute precision and dropout change how a run computes; the float32 arrays are the same.
+  current.model.dtype, current.model.dropout = 'bfloat16', saved.model.dropout + 0.1
+  assert config_lib.checkpoint_differences(saved, current) == []
+  current.model.ch = saved.model.ch * 2
+  assert config_lib.checkpoint_differences(saved, current) == [
+      f'model.ch: {saved.model.ch} in the workdir, {current.model.ch} now']
+
+
 def test_config_is_not_changed_by_training(tmp_path):
   config = tiny_config(name='digits')
   config.training.num_steps = 1
