@@ -34,7 +34,6 @@ SCHEDULES = {
     'linear': (schedules.linear(1000), schedules.vp_linear()),
     'cosine': (schedules.cosine(1000), schedules.vp_cosine()),
 }
-METHODS = ('ddpm', 'ddim', 'dpm_solver++', 'dpm_solver++3m', 'euler_maruyama', 'ode')
 
 
 def errors(samples: np.ndarray) -> dict:
@@ -77,7 +76,7 @@ def main():
   args = parser.parse_args()
   table = {}
   for schedule_name, (discrete, continuous) in SCHEDULES.items():
-    for method in METHODS:
+    for method in sampling.METHODS:
       schedule = continuous if method in sampling.CONTINUOUS_ONLY else discrete
       for calls in CALLS:
         samples = run(schedule, method, calls, args.num_samples, args.seed)
@@ -93,12 +92,12 @@ def main():
            f'step, the dpm_solver++ methods at most T - 1 discrete steps).',
            '']
   for schedule_name in SCHEDULES:
-    lines += [f'**{schedule_name} schedule** (ddpm, ddim, dpm_solver++, dpm_solver++3m: '
-              f'discrete T = 1000; '
-              f'euler_maruyama, ode: the VP-SDE {schedule_name} schedule)', '',
+    discrete = [m for m in sampling.METHODS if m not in sampling.CONTINUOUS_ONLY]
+    lines += [f'**{schedule_name} schedule** ({", ".join(discrete)}: discrete T = 1000; '
+              f'{", ".join(sampling.CONTINUOUS_ONLY)}: the VP-SDE {schedule_name} schedule)', '',
               '| method | ' + ' | '.join(f'{c} calls' for c in CALLS) + ' |',
               '|---|' + '---|' * len(CALLS)]
-    for method in METHODS:
+    for method in sampling.METHODS:
       cells = []
       for calls in CALLS:
         e = table.get((schedule_name, method, calls))

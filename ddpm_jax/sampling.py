@@ -55,10 +55,10 @@ def check_method(method: str, schedule, num_steps: Optional[int]) -> int:
   continuous = schedules_lib.is_continuous(schedule)
   if continuous and method in DISCRETE_ONLY:
     raise ValueError(f'{method!r} needs a discrete schedule; with a continuous one use one of '
-                     f'ddim, dpm_solver++, dpm_solver++3m, euler_maruyama, ode')
+                     f'{", ".join(m for m in METHODS if m not in DISCRETE_ONLY)}')
   if not continuous and method in CONTINUOUS_ONLY:
     raise ValueError(f'{method!r} needs a continuous (vp_*) schedule; with a discrete one use one '
-                     f'of ddpm, ddim, dpm_solver++, dpm_solver++3m')
+                     f'of {", ".join(m for m in METHODS if m not in CONTINUOUS_ONLY)}')
   if method == 'ddpm':
     if num_steps not in (None, schedule.num_timesteps):
       raise ValueError(f'ddpm always takes all T = {schedule.num_timesteps} steps; got '
@@ -68,7 +68,8 @@ def check_method(method: str, schedule, num_steps: Optional[int]) -> int:
     raise ValueError(f'{method} needs num_steps')
   if int(num_steps) != num_steps or num_steps < 1:
     raise ValueError(f'num_steps must be a positive integer, got {num_steps!r}')
-  # dpm_solver++ also evaluates the schedule at the end of its last step: N + 1 distinct times.
+  # The dpm_solver++ methods also evaluate the schedule at the end of their last step: N + 1
+  # distinct times.
   most = None if continuous else schedule.num_timesteps - (method in MULTISTEP_ORDER)
   if most is not None and num_steps > most:
     raise ValueError(f'num_steps={num_steps} is larger than {method} can take on the schedule\'s '
