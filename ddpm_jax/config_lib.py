@@ -15,7 +15,7 @@ CHECKPOINT_DATA_FIELDS = ('image_size', 'channels', 'window', 'columns', 'normal
 SERIES = 'series'
 # Fields of those sections that change how a run trains or computes, not what a checkpoint holds:
 # dtype is the compute precision; parameters, Adam and EMA are float32 whatever it is.
-TRAINING_ONLY_FIELDS = (('model', 'dropout'), ('model', 'dtype'))
+COMPUTE_ONLY_FIELDS = (('model', 'dropout'), ('model', 'dtype'))
 # Model fields added after runs were written; a config.json without them means these values.
 MODEL_FIELD_DEFAULTS = dict(flip_sin_to_cos=False, freq_shift=1.0, norm_eps=1e-6,
                             attention_head_dim=0, downsample_padding=0)
@@ -124,7 +124,7 @@ def checkpoint_differences(saved, current) -> list[str]:
                  else None)
       a = saved.get(section, {}).get(key, default)
       b = current.get(section, {}).get(key, default)
-      if a != b and (section, key) not in TRAINING_ONLY_FIELDS:
+      if a != b and (section, key) not in COMPUTE_ONLY_FIELDS:
         diffs.append(f'{section}.{key}: {a!r} in the workdir, {b!r} now')
   for key in CHECKPOINT_DATA_FIELDS:
     a, b = saved.get('data', {}).get(key), current.get('data', {}).get(key)

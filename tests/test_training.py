@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import inference, schedules, train_state, trainer
+from ddpm_jax import config_lib, inference, schedules, train_state, trainer
 from ddpm_jax.models import create_model
 from tests.helpers import REPO_ROOT, error_lines, run_script, tiny_config
 
@@ -279,7 +279,7 @@ def test_truncated_newest_checkpoint_reader_warns_and_renames_nothing_trainer_se
 
 
 def test_checkpoint_of_another_model_is_an_error_and_is_not_renamed(tmp_path):
-  from ddpm_jax import config_lib, sharding
+  from ddpm_jax import sharding
   from ddpm_jax.checkpointing import Checkpointer
   from ddpm_jax.errors import CheckpointError
   config, checkpoints = _two_checkpoints(tmp_path)
@@ -295,7 +295,6 @@ def test_checkpoint_of_another_model_is_an_error_and_is_not_renamed(tmp_path):
 
 
 def test_workdir_check_names_what_changes_the_checkpoint_and_not_compute_settings():
-  from ddpm_jax import config_lib
   saved = tiny_config(name='digits')
   current = tiny_config(name='digits')
   # Compute precision and dropout change how a run computes; the float32 arrays are the same.
