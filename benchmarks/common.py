@@ -1,10 +1,18 @@
-"""The training step both CIFAR-10 benchmarks time (vs_pytorch.py) or dissect (profile_step.py)."""
+"""What several benchmarks share: the training step that vs_pytorch.py times and profile_step.py
+dissects, and the image shape of a config whose data fields are left at 0."""
 
 import jax
 import optax
 
-from ddpm_jax import losses
+from ddpm_jax import input_pipeline, losses
 from ddpm_jax.models import model_apply
+
+
+def fill_image_shape(config) -> None:
+  """Sets data.image_size and data.channels where ``config`` leaves them at 0, from its data."""
+  if not config.data.image_size or not config.data.channels:
+    shape = input_pipeline.create_source(config.data).info().shape  # (H, W, C)
+    config.data.image_size, config.data.channels = shape[0], shape[-1]
 
 
 def adam_diffusion_step(model, schedule, x0, tx):

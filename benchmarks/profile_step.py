@@ -1,7 +1,7 @@
 """Where a train step's time goes: XLA's executed ops, grouped by kind and by pass.
 
   python benchmarks/profile_step.py                      # CIFAR-10 UNet, batch 16, ~2 minutes
-  python benchmarks/profile_step.py --config=configs/digits.py --batch=64 --image_size=8 --channels=1
+  python benchmarks/profile_step.py --config=configs/digits.py --batch=64
 
 Traces --steps calls of the train step that benchmarks/vs_pytorch.py times (x_t at random t,
 the network in train mode, MSE to the noise, gradients, Adam) and of the eval forward pass with
@@ -12,10 +12,10 @@ statistics, elementwise / copy) from the ops inside it, and its pass from the JA
 Prints a table of milliseconds per step and writes it to benchmarks/results/profile_step.md.
 """
 
-import argparse
 import collections
 import gzip
 import json
+import os
 import pathlib
 import platform
 import re
@@ -30,10 +30,19 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from ddpm_jax import schedules  # noqa: E402
+from ddpm_jax import config_lib  # noqa: E402
 from ddpm_jax.models import create_model, model_apply  # noqa: E402
+
+config_flags.DEFINE_config_file('config', str(REPO / 'configs' / 'cifar10.py'), 'Config file.',
+                                lock_config=True)
+flags.DEFINE_integer('batch', 16, 'Batch size.')
+flags.DEFINE_integer('steps', 3, 'Traced (and, apart, timed) calls of each function.')
+flags.DEFINE_string('results', str(REPO / 'benchmarks' / 'results' / 'profile_step.md'),
+                    'Markdown file to write.')
 
 # The first of these opcodes found inside an executed op names its kind.
 KINDS = (('convolution', 'convolution'), ('dot', 'matmul (dot)'), ('reduce', 'reduction'),
@@ -42,6 +51,7 @@ INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\S+.*?\s([\w\-]+)\
 CALLS = re.compile(r'calls=%?([\w.\-]+)')
 OP_NAME = re.compile(r'op_name="([^"]*)"')
 COMPUTATION = re.compile(r'^%?([\w.\-]+)\s.*\{\s*$|^ENTRY\s+%?([\w.\-]+)')
+PHASES = ('forward', 'backward', 'loss, Adam, other')
 
 
 def hlo_index(hlo_text: str) -> dict:
@@ -109,38 +119,30 @@ def profile(fn, args, steps: int) -> tuple[collections.Counter, float]:
   return totals, float(np.median(wall))
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--config', default='configs/cifar10.py')
-  parser.add_argument('--batch', type=int, default=16)
-  parser.add_argument('--steps', type=int, default=3)
-  parser.add_argument('--image_size', type=int, default=0, help='default: the config\'s, else 32')
-  parser.add_argument('--channels', type=int, default=0, help='default: the config\'s, else 3')
-  parser.add_argument('--results', default=str(REPO / 'benchmarks' / 'results' /
-                                               'profile_step.md'))
-  args = parser.parse_args()
-  module_name = pathlib.Path(args.config).stem
-  config = __import__(f'configs.{module_name}', fromlist=['get_config']).get_config()
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  config = f.config
+  config_name = os.path.relpath(config_flags.get_config_filename(f['config']), REPO)
+  common.fill_image_shape(config)
   model = create_model(config)
-  size = args.image_size or config.data.image_size or 32
-  channels = args.channels or config.data.channels or 3
-  x0 = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (args.batch, size, size, channels)),
-                   jnp.float32)
-  t = jnp.arange(args.batch, dtype=jnp.int32) * 37 % 1000
+  shape = (f.batch,) + config_lib.data_shape(config)  # [B, H, W, C]
+  x0 = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, shape), jnp.float32)
+  t = jnp.arange(f.batch, dtype=jnp.int32) * 37 % 1000
   params = model.init(jax.random.key(0), x0, t)['params']
-  schedule = schedules.linear(1000)
+  schedule = config_lib.schedule_from_config(config)
   tx = optax.adam(2e-4)
 
   def forward(params, x, t):
     return model_apply(model, params, x, t)
 
-  train, train_wall = profile(jax.jit(common.adam_diffusion_step(model, schedule, x0, tx)), (params, tx.init(params), jax.random.key(1)),
-                              args.steps)
-  evaluation, eval_wall = profile(jax.jit(forward), (params, x0, t), args.steps)
+  train_step = jax.jit(common.adam_diffusion_step(model, schedule, x0, tx))
+  train, train_wall = profile(train_step, (params, tx.init(params), jax.random.key(1)), f.steps)
+  evaluation, eval_wall = profile(jax.jit(forward), (params, x0, t), f.steps)
   machine = f'{platform.machine()} CPU, {jax.devices()[0].platform}, jax {jax.__version__}'
   kinds = ['convolution', 'matmul (dot)', 'reduction', 'elementwise / copy']
-  lines = [f'{args.config}, batch {args.batch}, {machine}. Milliseconds per call (mean of '
-           f'{args.steps} traced calls) by kind of XLA op and pass, summed over the threads XLA '
+  lines = [f'{config_name}, batch {f.batch}, {machine}. Milliseconds per call (mean of '
+           f'{f.steps} traced calls) by kind of XLA op and pass, summed over the threads XLA '
            f'runs ops on (independent ops overlap, so a sum can exceed the wall time: median '
            f'{train_wall * 1e3:.0f} ms per train step, {eval_wall * 1e3:.0f} ms per eval forward, '
            'untraced).', '',
@@ -148,20 +150,19 @@ def main():
            '| share | eval forward |', '|---|---|---|---|---|---|---|']
   train_total = sum(train.values())
   for kind in kinds:
-    cells = [train[(kind, phase)] / 1e3 for phase in ('forward', 'backward',
-                                                       'loss, Adam, other')]
+    cells = [train[(kind, phase)] / 1e3 for phase in PHASES]
     row_total = sum(cells)
     eval_ms = sum(v for (k, _), v in evaluation.items() if k == kind) / 1e3
     lines.append(f'| {kind} | ' + ' | '.join(f'{c:.0f}' for c in cells) +
                  f' | {row_total:.0f} | {row_total / (train_total / 1e3):.0%} | {eval_ms:.0f} |')
   phase_totals = [sum(v for (_, p), v in train.items() if p == phase) / 1e3
-                  for phase in ('forward', 'backward', 'loss, Adam, other')]
+                  for phase in PHASES]
   lines.append('| all | ' + ' | '.join(f'{c:.0f}' for c in phase_totals) +
                f' | {train_total / 1e3:.0f} | 100% | {sum(evaluation.values()) / 1e3:.0f} |')
   text = '\n'.join(lines) + '\n'
   print(text)
-  pathlib.Path(args.results).write_text(text)
+  pathlib.Path(f.results).write_text(text)
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

@@ -10,8 +10,8 @@ windows x 100 samples by default) into ``--out/<run>/<method>_<steps>/<task>/s<s
 what an earlier call left there, then prints one table (mean +- standard deviation over seeds of
 CRPS, CRPS-sum, MAE and RMSE in original units, the model's and each baseline's on the same
 hidden values) with seconds per command and samples/s, and writes it to
-benchmarks/results/series_tasks_<method>_<steps>.md. A seed changes the samples and, for imputation, which values
-are hidden; the training run itself is not repeated.
+benchmarks/results/series_tasks_<method>_<steps>.md. A seed changes the samples and, for
+imputation, which values are hidden; the training run itself is not repeated.
 """
 
 import json
@@ -63,7 +63,8 @@ def _rows(run_name: str, task: str, results: list) -> list:
   """Table rows of one run and task: the model first, then its baselines."""
   rows = []
   for scorer in results[0]['scores']:
-    name = f'{run_name} ({results[0].get("conditioning", "model")})' if scorer == 'model' else scorer
+    name = (f'{run_name} ({results[0].get("conditioning", "model")})' if scorer == 'model'
+            else scorer)
     cells = [_cell([r['scores'][scorer][score] for r in results]) for score in SCORES]
     timing = (f'{np.median([r["seconds"] for r in results]):.0f} s, '
               f'{np.median([r["samples_per_second"] for r in results]):.0f}/s'

@@ -36,14 +36,13 @@ flags.mark_flags_as_required(['config'])
 def main(argv):
   del argv
   import jax
+  from benchmarks import common
   from ddpm_jax import config_lib, input_pipeline, sharding, train_state
   from ddpm_jax.models import create_model, model_apply
   sharding.initialize_distributed()
   config = flags.FLAGS.config
   config_name = pathlib.Path(config_flags.get_config_filename(flags.FLAGS['config'])).name
-  if not config.data.image_size or not config.data.channels:  # shape from the config's own data
-    shape = input_pipeline.create_source(config.data).info().shape
-    config.data.image_size, config.data.channels = shape[0], shape[-1]
+  common.fill_image_shape(config)
   config.data.name = 'synthetic'
   config.data.num_examples = max(config.training.batch_size * 4, 256)
   mesh = sharding.make_mesh()

@@ -4,7 +4,8 @@
 
 Batch 128, Adam 2e-4 with 5,000 warm-up steps, gradient clipping at 1, dropout 0.1, random
 horizontal flips, EMA 0.9999, 800k steps; the network computes in bfloat16 on GPU/TPU with
-float32 parameters, optimiser state and EMA (model.dtype='auto'; float32 on CPU). Needs CIFAR-10 prepared for tfds (ArrayRecord):
+float32 parameters, optimiser state and EMA (model.dtype='auto'; float32 on CPU). Needs
+CIFAR-10 prepared for tfds (ArrayRecord):
   python -c "import tensorflow_datasets as tfds; tfds.builder('cifar10').download_and_prepare(file_format='array_record')"
 Meant for accelerators (any number: the global batch is split over all devices); on a 2-core
 CPU one step takes about 10 s. --config.data.name=synthetic runs it on random data for
@@ -23,7 +24,7 @@ def get_config():
   config.data.random_flip = True
   config.data.num_examples = 50_000  # for data.name=synthetic
   config.model = default.model_cifar10()
-  config.model.dtype = 'auto'  # bfloat16 compute on GPU/TPU (float32 params, Adam, EMA); float32 on CPU
+  config.model.dtype = 'auto'  # bfloat16 compute on GPU/TPU, float32 on CPU
   config.diffusion.schedule = 'linear'
   config.diffusion.num_timesteps = 1000
   config.diffusion.target = 'eps'
