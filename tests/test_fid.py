@@ -38,6 +38,30 @@ def test_flax_inception_reproduces_torchscript_pool_features(inception_params):
     assert relative.max() < 1e-3, (name, relative.max())
 
 
+FOUR_DEVICES = """
+import sys
+import jax
+import numpy as np
+from ddpm_jax import inception
+assert jax.local_device_count() == 4, jax.devices()
+images = np.load(sys.argv[1])['small'][:7]
+np.save(sys.argv[2], inception.feature_extractor(inception.load_params(), batch_size=10)(images))
+"""
+
+
+def test_features_split_over_four_devices_are_the_torchscript_features(tmp_path,
+                                                                       inception_params):
+  """7 images on 4 host devices: batches of 8 split 2 per device, the last one padded."""
+  out = tmp_path / 'features.npy'
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  result = subprocess.run([sys.executable, '-c', FOUR_DEVICES, str(REFERENCE / 'reference.npz'),
+                           str(out)], env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  got, want = np.load(out), np.load(REFERENCE / 'reference.npz')['small_features'][:7]
+  relative = np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
+  assert relative.max() < 1e-3, relative.max()
+
+
 def test_pytorch_fid_state_dict_gives_the_same_params(inception_params):
   """pytorch-fid's .pth names (BasicConv2d: conv.weight, bn.weight/bias/running_mean/var) map
   onto the same network: a state dict in that layout converts back to identical params."""
