@@ -2,7 +2,7 @@
 
   python train.py --config=configs/digits.py --workdir=runs/digits
 
-8-9 minutes on a 2-core CPU (5,000 steps of batch 64 at ~10 steps/s with the 1.0M-parameter
+8-13 minutes on a 2-core CPU (5,000 steps of batch 64 at 6.6-10 steps/s with the 1.0M-parameter
 UNet, after ~15 s of compilation); <workdir>/samples/step_0005000.png then shows digits you can
 read. Then: python sample.py --ckpt=runs/digits --method=ddim --num_steps=50 --out=runs/digits/ddim
 """
