@@ -5,6 +5,7 @@ import pytest
 
 from configs import cifar10, default
 from ddpm_jax.models import UNet, compute_dtype, create_model
+from ddpm_jax.models.layers import subpixel_upsample_conv
 
 
 def tiny(**overrides):
@@ -101,6 +102,52 @@ def test_bfloat16_compute_close_to_float32():
   assert jax.tree.leaves(params)[0].dtype == jnp.float32
   rel = float(jnp.linalg.norm(out16 - out32) / jnp.linalg.norm(out32))
   assert rel < 0.05, rel
+
+
+@pytest.mark.parametrize('shape', [(2, 5, 6, 3), (2, 7, 3)])
+def test_subpixel_upsample_is_doubling_then_conv(shape):
+  """The up path's shortcut against its definition: nearest doubling, then a 'SAME' 3x3 conv;
+  values and both gradients."""
+  spatial_dims = len(shape) - 2
+  x = jax.random.normal(jax.random.key(0), shape)
+  kernel = jax.random.normal(jax.random.key(1), (3,) * spatial_dims + (shape[-1], 4))
+  letters = 'HW'[:spatial_dims]
+
+  def definition(x, kernel):
+    for axis in range(1, 1 + spatial_dims):
+      x = jnp.repeat(x, 2, axis=axis)
+    return jax.lax.conv_general_dilated(x, kernel, (1,) * spatial_dims, 'SAME',
+                                        dimension_numbers=(f'N{letters}C', f'{letters}IO',
+                                                           f'N{letters}C'))
+
+  expected, expected_vjp = jax.vjp(definition, x, kernel)
+  got, got_vjp = jax.vjp(subpixel_upsample_conv, x, kernel)
+  assert got.shape == expected.shape == (shape[0],) + tuple(2 * s for s in shape[1:-1]) + (4,)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  cotangent = jax.random.normal(jax.random.key(2), expected.shape)
+  for g, e in zip(got_vjp(cotangent), expected_vjp(cotangent)):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize('spatial_dims,shape', [(2, (2, 8, 8, 3)), (1, (2, 16, 2))])
+def test_subpixel_switch_keeps_parameters_outputs_and_gradients(spatial_dims, shape):
+  on, off = tiny(spatial_dims=spatial_dims), tiny(spatial_dims=spatial_dims, subpixel_upsample=False)
+  x = jax.random.normal(jax.random.key(5), shape)
+  t = jnp.array([3, 800])
+  init_on = on.init(jax.random.key(0), x, t)['params']
+  init_off = off.init(jax.random.key(0), x, t)['params']
+  assert jax.tree.structure(init_on) == jax.tree.structure(init_off)  # checkpoints fit both
+  for a, b in zip(jax.tree.leaves(init_on), jax.tree.leaves(init_off)):
+    np.testing.assert_array_equal(a, b)
+  params = randomized(init_on, jax.random.key(1))
+  np.testing.assert_allclose(on.apply({'params': params}, x, t),
+                             off.apply({'params': params}, x, t), rtol=1e-5, atol=1e-5)
+  grad = lambda model: jax.grad(
+      lambda p: jnp.sum(model.apply({'params': p}, x, t) ** 2))(params)
+  grad_on, grad_off = grad(on), grad(off)
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grad_off))
+  for a, b in zip(jax.tree.leaves(grad_on), jax.tree.leaves(grad_off)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_bad_input():

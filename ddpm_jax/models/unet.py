@@ -37,6 +37,9 @@ class UNet(nn.Module):
   norm_eps: float = 1e-6
   attention_head_dim: int = 0  # > 0: heads of this width instead of num_heads heads
   downsample_padding: int = 0
+  # How the up path's doubling + 3x3 convolution is computed (layers.Upsample); not a
+  # network option: the parameters and outputs are the same either way.
+  subpixel_upsample: bool = True
 
   def check_input(self, x_shape, labels=None) -> None:
     """Raises ValueError when an input of x_shape [B, *spatial, C] (or labels) cannot be taken."""
@@ -108,7 +111,7 @@ class UNet(nn.Module):
         if h.shape[1] in self.attn_resolutions:
           h = attn()(h)
       if level != 0:
-        h = Upsample(self.spatial_dims, self.dtype)(h)
+        h = Upsample(self.spatial_dims, self.dtype, self.subpixel_upsample)(h)
 
     h = nn.silu(group_norm(self.num_groups, self.dtype, 'norm_out', self.norm_eps)(h))
     out_channels = self.out_channels or x.shape[-1]
