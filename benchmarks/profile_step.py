@@ -34,7 +34,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from ddpm_jax import config_lib  # noqa: E402
+from ddpm_jax import config_lib, cpu_backend  # noqa: E402
 from ddpm_jax.models import create_model, model_apply  # noqa: E402
 
 config_flags.DEFINE_config_file('config', str(REPO / 'configs' / 'cifar10.py'), 'Config file.',
@@ -121,6 +121,7 @@ def profile(fn, args, steps: int) -> tuple[collections.Counter, float]:
 
 def main(argv):
   del argv
+  cpu_backend.configure()  # as train.py does, before JAX starts its backend
   f = flags.FLAGS
   config = f.config
   config_name = os.path.relpath(config_flags.get_config_filename(f['config']), REPO)

@@ -35,6 +35,8 @@ flags.mark_flags_as_required(['config'])
 
 def main(argv):
   del argv
+  from ddpm_jax import cpu_backend
+  cpu_backend.configure()  # as train.py does, before JAX starts its backend
   import jax
   from benchmarks import common
   from ddpm_jax import config_lib, input_pipeline, sharding, train_state

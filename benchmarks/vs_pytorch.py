@@ -41,7 +41,7 @@ import optax  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks.diffusers_parity import CIFAR10 as CIFAR10_LAYOUT  # noqa: E402
 from configs import default  # noqa: E402
-from ddpm_jax import interop, schedules  # noqa: E402
+from ddpm_jax import cpu_backend, interop, schedules  # noqa: E402
 from ddpm_jax.models import model_apply  # noqa: E402
 
 CIFAR10 = dict(CIFAR10_LAYOUT, dropout=0.1)  # the paper trains with dropout 0.1
@@ -69,6 +69,7 @@ def main():
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--results', default=str(REPO / 'benchmarks' / 'results' / 'vs_pytorch.md'))
   args = parser.parse_args()
+  cpu_backend.configure()  # as train.py and load_sampler do, before JAX starts its backend
 
   torch.manual_seed(0)
   unet = UNet2DModel(**CIFAR10)
@@ -81,7 +82,7 @@ def main():
   x0_nchw = rng.uniform(-1, 1, (args.batch, 3, 32, 32)).astype(np.float32)
   print(f'{count:,} parameters in both; batch {args.batch}; {os.cpu_count()} cores; '
         f'torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__} '
-        f'on {jax.devices()[0].platform}', flush=True)
+        f'on {jax.devices()[0].platform}; XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}', flush=True)
 
   # PyTorch: diffusers' network, the training step written as diffusers' examples write it.
   alphas_cumprod = torch.tensor(np.asarray(schedule.alphas_cumprod))

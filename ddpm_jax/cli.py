@@ -7,7 +7,7 @@ import sys
 
 from absl import flags, logging
 
-from ddpm_jax import compilation_cache, run_log
+from ddpm_jax import compilation_cache, cpu_backend, run_log
 from ddpm_jax.errors import (CheckpointError, Interrupted, LaunchError, TrainingError)
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, TrainingError, CheckpointError,
@@ -19,11 +19,14 @@ def run(program: str, fn):
 
   Set DDPM_JAX_DEBUG=1 to see the traceback instead. Logging defaults to warnings (orbax logs
   every save and restore at INFO); --verbosity=0 shows it. JAX's persistent compilation cache
-  is on (see ddpm_jax.compilation_cache; DDPM_JAX_COMPILATION_CACHE=off switches it off).
+  is on (see ddpm_jax.compilation_cache; DDPM_JAX_COMPILATION_CACHE=off switches it off), and
+  XLA:CPU runs convolutions with its own kernels (ddpm_jax.cpu_backend;
+  DDPM_JAX_CPU_CONVOLUTIONS=ynnpack leaves XLA's default).
   """
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   compilation_cache.enable()
+  cpu_backend.configure()
   try:
     return fn()
   except Interrupted as stop:

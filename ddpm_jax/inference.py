@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import (compilation_cache, config_lib, diffusion, masking, sampling, series_data,
-                      sharding, train_state)
+from ddpm_jax import (compilation_cache, config_lib, cpu_backend, diffusion, masking, sampling,
+                      series_data, sharding, train_state)
 from ddpm_jax.checkpointing import Checkpointer, DamagedCheckpoint
 from ddpm_jax.errors import CheckpointError
 from ddpm_jax.models import create_model, model_apply
@@ -229,9 +229,11 @@ def load_sampler(path, step: Optional[int] = None):
   device of every process in a multi-process run), whatever topology wrote them. Returns
   ``(sample_fn, ema_params)``; ``sample_fn.config``, ``.model``, ``.step`` and ``.data_stats``
   describe what was loaded. Turns on JAX's persistent compilation cache
-  (``ddpm_jax.compilation_cache``) unless it is switched off.
+  (``ddpm_jax.compilation_cache``) unless it is switched off, and XLA:CPU's own convolutions
+  when no JAX backend has started yet (``ddpm_jax.cpu_backend``).
   """
   compilation_cache.enable()
+  cpu_backend.configure()
   workdir, path_step = resolve_checkpoint(path)
   config = config_lib.read_workdir_config(workdir)
   model = create_model(config)

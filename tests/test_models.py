@@ -1,11 +1,16 @@
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import cifar10, default
+from ddpm_jax import cpu_backend
 from ddpm_jax.models import UNet, compute_dtype, create_model
 from ddpm_jax.models.layers import subpixel_upsample_conv
+from tests.helpers import run_script
 
 
 def tiny(**overrides):
@@ -174,3 +179,50 @@ def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_cpu():
   assert create_model(cifar10.get_config()).dtype == compute_dtype('auto', jax.default_backend())
   with pytest.raises(ValueError, match="unknown model.dtype 'fp8'; choose auto or one of"):
     compute_dtype('fp8')
+
+
+def test_cpu_convolution_setting_keeps_the_users_and_has_an_off_switch():
+  environ = {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  cpu_backend.configure(environ)
+  assert environ['XLA_FLAGS'] == ('--xla_force_host_platform_device_count=2 '
+                                  '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution')
+  cpu_backend.configure(environ)  # once only
+  assert environ['XLA_FLAGS'].count('ynn_fusion_type') == 1
+  own = {'XLA_FLAGS': '--xla_cpu_experimental_ynn_fusion_type=individual_dot'}
+  cpu_backend.configure(own)
+  assert own['XLA_FLAGS'] == '--xla_cpu_experimental_ynn_fusion_type=individual_dot'
+  off = {'DDPM_JAX_CPU_CONVOLUTIONS': 'ynnpack'}
+  cpu_backend.configure(off)
+  assert 'XLA_FLAGS' not in off
+  with pytest.raises(ValueError, match="DDPM_JAX_CPU_CONVOLUTIONS='mkl': choose one of eigen"):
+    cpu_backend.configure({'DDPM_JAX_CPU_CONVOLUTIONS': 'mkl'})
+
+
+CONVOLUTION_PROGRAM = '''
+import json, jax, jax.numpy as jnp, numpy as np
+from ddpm_jax import cpu_backend
+cpu_backend.configure()
+conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
+               dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
+x = jax.random.normal(jax.random.key(0), (2, 8, 8, 64))
+w = jax.random.normal(jax.random.key(1), (3, 3, 64, 64)) / 24
+print(json.dumps({'ynnpack': '__ynn_fusion' in conv.lower(x, w).compile().as_text(),
+                  'y': np.asarray(conv(x, w)).ravel()[:64].tolist()}))
+'''
+
+
+def test_cpu_convolution_setting_reaches_the_backend():
+  """What configure() sets before the backend starts decides who runs a convolution; both
+  compute the same values."""
+  if jax.default_backend() != 'cpu':
+    pytest.skip('an XLA:CPU setting')
+  results = {}
+  for choice in cpu_backend.CHOICES:
+    flags = ' '.join(f for f in os.environ.get('XLA_FLAGS', '').split()
+                     if not f.startswith(cpu_backend.FLAG))
+    result = run_script('-c', CONVOLUTION_PROGRAM,
+                        env={'DDPM_JAX_CPU_CONVOLUTIONS': choice, 'XLA_FLAGS': flags})
+    assert result.returncode == 0, result.stderr[-3000:]
+    results[choice] = json.loads(result.stdout.strip().splitlines()[-1])
+  assert not results['eigen']['ynnpack'] and results['ynnpack']['ynnpack']
+  np.testing.assert_allclose(results['eigen']['y'], results['ynnpack']['y'], rtol=1e-4, atol=1e-4)
