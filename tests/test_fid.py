@@ -246,7 +246,9 @@ def test_fid_command_images_stats_and_bad_input(tmp_path, inception_params):
   assert run.returncode == 0, run.stderr
   with np.load(tmp_path / 'a_stats.npz') as stats:
     features = inception.feature_extractor(inception_params)(images[:5])
-    np.testing.assert_allclose(stats['mu'], features.mean(0), rtol=1e-6, atol=1e-7)
+    # The command runs with XLA:CPU's own convolutions (ddpm_jax.cpu_backend), this process with
+    # its default ones: the same features up to float32 rounding.
+    np.testing.assert_allclose(stats['mu'], features.mean(0), rtol=1e-4, atol=1e-6)
     assert stats['sigma'].shape == (2048, 2048)
   run = _fid(tmp_path / 'a.npz', tmp_path / 'a_stats.npz')  # a set against its own statistics
   assert run.returncode == 0, run.stderr
