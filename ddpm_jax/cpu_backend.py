@@ -29,7 +29,8 @@ EIGEN_CONVOLUTIONS = f'{FLAG}=-individual_convolution'
 
 def several_cpu_runtimes(environ) -> bool:
   """Whether ``environ`` asks for several host devices in a process or several processes."""
-  devices = re.findall(r'--xla_force_host_platform_device_count=(\d+)', environ.get('XLA_FLAGS', ''))
+  devices = re.findall(r'--xla_force_host_platform_device_count=(\d+)',
+                       environ.get('XLA_FLAGS', ''))
   processes = environ.get('JAX_NUM_PROCESSES', '1').strip()
   return (bool(devices) and int(devices[-1]) > 1) or (processes.isdigit() and int(processes) > 1)
 

@@ -135,7 +135,7 @@ SUBPIXEL_TAPS = (((1, 0, 0), (0, 1, 1)),
 
 def subpixel_upsample_conv(x, kernel):
   """conv_3x3(nearest_upsample_2x(x)) without the upsampled map: x [B, *S, C], kernel
-  [3, ..., 3, C, O] -> [B, *2S, O], no bias.
+  [3, ..., 3, C, O] -> [B, *2S, O] in x's dtype, no bias (taps are summed in the kernel's dtype).
 
   Each of the 2 ** D output phases is a 2x2 convolution of x with summed taps: 4 ** D / 9 ** D
   of the products per output (0.44 in 2-D), the same sums up to rounding.
@@ -151,7 +151,7 @@ def subpixel_upsample_conv(x, kernel):
       phase_kernel = jnp.moveaxis(jnp.tensordot(taps[p], phase_kernel, axes=([1], [axis])), 0,
                                   axis)
     outputs.append(jax.lax.conv_general_dilated(
-        x, phase_kernel, (1,) * spatial_dims, [(1 - p, p) for p in phase],
+        x, phase_kernel.astype(x.dtype), (1,) * spatial_dims, [(1 - p, p) for p in phase],
         dimension_numbers=dimension_numbers))  # [B, *S, O]
   # [2, ..., 2, B, *S, O] -> [B, S1, 2, S2, 2, ..., O] -> [B, *2S, O]
   y = jnp.stack(outputs).reshape((2,) * spatial_dims + outputs[0].shape)
@@ -175,7 +175,7 @@ class SubpixelUpsampleConv(nn.Module):
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
                         (3,) * self.spatial_dims + (x.shape[-1], self.features), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
-    y = subpixel_upsample_conv(x.astype(self.dtype), kernel.astype(self.dtype))
+    y = subpixel_upsample_conv(x.astype(self.dtype), kernel)
     return y + bias.astype(self.dtype)
 
 
