@@ -26,8 +26,8 @@ def run(program: str, fn):
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   compilation_cache.enable()
-  cpu_backend.configure()
   try:
+    cpu_backend.configure()  # a bad setting or launch is a user error like any other
     return fn()
   except Interrupted as stop:
     run_log.silence_library_output()

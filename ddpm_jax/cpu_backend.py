@@ -21,6 +21,8 @@ from __future__ import annotations
 import os
 import re
 
+from ddpm_jax import sharding
+
 VARIABLE = 'DDPM_JAX_CPU_CONVOLUTIONS'
 CHOICES = ('eigen', 'ynnpack')
 FLAG = '--xla_cpu_experimental_ynn_fusion_type'
@@ -28,11 +30,13 @@ EIGEN_CONVOLUTIONS = f'{FLAG}=-individual_convolution'
 
 
 def several_cpu_runtimes(environ) -> bool:
-  """Whether ``environ`` asks for several host devices in a process or several processes."""
+  """Whether ``environ`` asks for several host devices in a process or several processes (a
+  launch ``sharding.launch_settings`` reads; raises LaunchError for a bad one)."""
   devices = re.findall(r'--xla_force_host_platform_device_count=(\d+)',
                        environ.get('XLA_FLAGS', ''))
-  processes = environ.get('JAX_NUM_PROCESSES', '1').strip()
-  return (bool(devices) and int(devices[-1]) > 1) or (processes.isdigit() and int(processes) > 1)
+  launch = sharding.launch_settings(environ)
+  return ((bool(devices) and int(devices[-1]) > 1) or
+          (launch is not None and launch['num_processes'] != 1))
 
 
 def configure(environ=None) -> None:

@@ -9,7 +9,7 @@ from configs import cifar10, default
 from ddpm_jax import cpu_backend
 from ddpm_jax.models import UNet, compute_dtype, create_model
 from ddpm_jax.models.layers import subpixel_upsample_conv
-from tests.helpers import run_script
+from tests.helpers import error_lines, run_script
 
 
 def tiny(**overrides):
@@ -135,7 +135,8 @@ def test_subpixel_upsample_is_doubling_then_conv(shape):
 
 @pytest.mark.parametrize('spatial_dims,shape', [(2, (2, 8, 8, 3)), (1, (2, 16, 2))])
 def test_subpixel_switch_keeps_parameters_outputs_and_gradients(spatial_dims, shape):
-  on, off = tiny(spatial_dims=spatial_dims), tiny(spatial_dims=spatial_dims, subpixel_upsample=False)
+  on = tiny(spatial_dims=spatial_dims)
+  off = tiny(spatial_dims=spatial_dims, subpixel_upsample=False)
   x = jax.random.normal(jax.random.key(5), shape)
   t = jnp.array([3, 800])
   init_on = on.init(jax.random.key(0), x, t)['params']
@@ -187,8 +188,10 @@ def test_cpu_convolution_setting_keeps_the_users_and_has_an_off_switch():
                                   '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution')
   cpu_backend.configure(environ)  # once only
   assert environ['XLA_FLAGS'].count('ynn_fusion_type') == 1
-  for several in ({'XLA_FLAGS': '--xla_force_host_platform_device_count=4'},
-                  {'JAX_NUM_PROCESSES': '2'}):  # where YNNPACK's convolutions were faster
+  launch = {'JAX_COORDINATOR_ADDRESS': '127.0.0.1:1234', 'JAX_NUM_PROCESSES': '2',
+            'JAX_PROCESS_ID': '1'}
+  for several in ({'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}, launch,
+                  {'DDPM_JAX_DISTRIBUTED': '1'}):  # where YNNPACK's convolutions were faster
     cpu_backend.configure(several)
     assert 'ynn_fusion_type' not in several.get('XLA_FLAGS', '')
   own = {'XLA_FLAGS': '--xla_cpu_experimental_ynn_fusion_type=individual_dot'}
@@ -221,9 +224,12 @@ def test_cpu_convolution_setting_reaches_the_backend():
     pytest.skip('an XLA:CPU setting')
   results = {}
   for choice in cpu_backend.CHOICES:
-    result = run_script('-c', CONVOLUTION_PROGRAM, env={'DDPM_JAX_CPU_CONVOLUTIONS': choice,
-                                                        'XLA_FLAGS': '', 'JAX_NUM_PROCESSES': '1'})
+    result = run_script('-c', CONVOLUTION_PROGRAM,
+                        env={'DDPM_JAX_CPU_CONVOLUTIONS': choice, 'XLA_FLAGS': ''})
     assert result.returncode == 0, result.stderr[-3000:]
     results[choice] = json.loads(result.stdout.strip().splitlines()[-1])
   assert not results['eigen']['ynnpack'] and results['ynnpack']['ynnpack']
   np.testing.assert_allclose(results['eigen']['y'], results['ynnpack']['y'], rtol=1e-4, atol=1e-4)
+  bad = run_script('sample.py', '--ckpt=/nonexistent', env={'DDPM_JAX_CPU_CONVOLUTIONS': 'mkl'})
+  assert bad.returncode == 1 and error_lines(bad) == [
+      "sample.py: error: DDPM_JAX_CPU_CONVOLUTIONS='mkl': choose one of eigen, ynnpack"]

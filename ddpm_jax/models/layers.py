@@ -159,8 +159,7 @@ def subpixel_upsample_conv(x, kernel):
   for axis in range(spatial_dims):
     order += [spatial_dims + 1 + axis, axis]
   y = jnp.transpose(y, order + [y.ndim - 1])
-  batch, *sizes, channels = x.shape[0], *x.shape[1:-1], kernel.shape[-1]
-  return y.reshape((batch,) + tuple(2 * s for s in sizes) + (channels,))
+  return y.reshape((x.shape[0],) + tuple(2 * s for s in x.shape[1:-1]) + (kernel.shape[-1],))
 
 
 class SubpixelUpsampleConv(nn.Module):
