@@ -1,5 +1,6 @@
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 from configs import cifar10, default
 from ddpm_jax import cpu_backend
 from ddpm_jax.models import UNet, compute_dtype, create_model
-from ddpm_jax.models.layers import subpixel_upsample_conv
+from ddpm_jax.models.layers import fused_group_norm, subpixel_upsample_conv
 from tests.helpers import error_lines, run_script
 
 
@@ -133,10 +134,33 @@ def test_subpixel_upsample_is_doubling_then_conv(shape):
     np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize('silu', [True, False])
+@pytest.mark.parametrize('shape', [(2, 5, 6, 64), (3, 10, 32)])
+def test_fused_group_norm_is_flax_group_norm(shape, silu):
+  """Values and all three gradients against flax's nn.GroupNorm (and nn.silu) by autodiff, on
+  inputs with a mean far from 0 (where E[x^2] - E[x]^2 loses digits)."""
+  x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), shape)
+  scale = 1.0 + 0.3 * jax.random.normal(jax.random.key(1), shape[-1:])
+  bias = 0.3 * jax.random.normal(jax.random.key(2), shape[-1:])
+  flax_norm = nn.GroupNorm(num_groups=8, epsilon=1e-6)
+
+  def expected_fn(x, scale, bias):
+    y = flax_norm.apply({'params': {'scale': scale, 'bias': bias}}, x)
+    return nn.silu(y) if silu else y
+
+  got, got_vjp = jax.vjp(lambda *a: fused_group_norm(*a, 8, 1e-6, silu), x, scale, bias)
+  expected, expected_vjp = jax.vjp(expected_fn, x, scale, bias)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  cotangent = jax.random.normal(jax.random.key(3), shape)
+  for g, e in zip(got_vjp(cotangent), expected_vjp(cotangent)):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * float(jnp.abs(e).max()))
+
+
+@pytest.mark.parametrize('field', ['subpixel_upsample', 'fused_group_norm'])
 @pytest.mark.parametrize('spatial_dims,shape', [(2, (2, 8, 8, 3)), (1, (2, 16, 2))])
-def test_subpixel_switch_keeps_parameters_outputs_and_gradients(spatial_dims, shape):
+def test_compute_switch_keeps_parameters_outputs_and_gradients(spatial_dims, shape, field):
   on = tiny(spatial_dims=spatial_dims)
-  off = tiny(spatial_dims=spatial_dims, subpixel_upsample=False)
+  off = tiny(spatial_dims=spatial_dims, **{field: False})
   x = jax.random.normal(jax.random.key(5), shape)
   t = jnp.array([3, 800])
   init_on = on.init(jax.random.key(0), x, t)['params']

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import Any
@@ -44,9 +45,95 @@ def conv(features: int, spatial_dims: int, dtype: Dtype, kernel: int = 3, stride
                  name=name)
 
 
-def group_norm(num_groups: int, dtype: Dtype, name=None, epsilon: float = 1e-6):
-  return nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=dtype,
+def _group_statistics(x32, num_groups: int, epsilon: float):
+  """Mean and 1 / sqrt(variance + epsilon) of each group of channels of x32 [B, *S, C] (float32)
+  -> ([B, G], [B, G]); the variance as E[x^2] - E[x]^2 clipped at 0, as flax's GroupNorm does."""
+  groups = x32.reshape(x32.shape[0], -1, num_groups, x32.shape[-1] // num_groups)  # [B, S, G, C/G]
+  mean = groups.mean((1, 3))
+  variance = jnp.maximum(0.0, (groups * groups).mean((1, 3)) - mean * mean)
+  return mean, jax.lax.rsqrt(variance + epsilon)
+
+
+def _per_channel(group_values, like):
+  """[B, G] -> [B, 1, ..., 1, C], broadcastable against ``like`` [B, *S, C]."""
+  channels = jnp.repeat(group_values, like.shape[-1] // group_values.shape[1], axis=1)
+  return channels.reshape((like.shape[0],) + (1,) * (like.ndim - 2) + (like.shape[-1],))
+
+
+def _group_norm_forward(x, scale, bias, num_groups, epsilon, silu):
+  """GroupNorm of x [B, *S, C] with per-channel scale and bias [C] (float32), then SiLU when
+  ``silu`` -> (same shape, in x's dtype; the residuals the hand-written backward pass needs)."""
+  x32 = x.astype(jnp.float32)
+  mean, inv_std = _group_statistics(x32, num_groups, epsilon)
+  z = (x32 - _per_channel(mean, x)) * (_per_channel(inv_std, x) * scale) + bias
+  y = z * jax.nn.sigmoid(z) if silu else z
+  return y.astype(x.dtype), (x, scale, bias, mean, inv_std)
+
+
+def _group_norm_backward(num_groups, epsilon, silu, residuals, dy):
+  """Gradients of ``_group_norm_forward`` for x, scale and bias, from x and the [B, G] group
+  statistics alone."""
+  del epsilon
+  x, scale, bias, mean, inv_std = residuals
+  spatial_axes = tuple(range(1, x.ndim - 1))
+  inv_std_c = _per_channel(inv_std, x)
+  x_hat = (x.astype(jnp.float32) - _per_channel(mean, x)) * inv_std_c
+  dz = dy.astype(jnp.float32)
+  if silu:
+    z = x_hat * scale + bias
+    sigmoid = jax.nn.sigmoid(z)
+    dz = dz * (sigmoid * (1 + z * (1 - sigmoid)))
+  dz_sum = dz.sum(spatial_axes)  # [B, C]
+  dz_x_hat_sum = (dz * x_hat).sum(spatial_axes)  # [B, C]
+  group_size = x.size // (x.shape[0] * num_groups)
+  group_mean = lambda per_channel: _per_channel(  # [B, C] -> [B, 1, ..., C]
+      (per_channel * scale).reshape(x.shape[0], num_groups, -1).sum(-1) / group_size, x)
+  # d x_hat / d x projects out the group's mean and its x_hat direction.
+  dx = inv_std_c * (dz * scale - group_mean(dz_sum) - x_hat * group_mean(dz_x_hat_sum))
+  return dx.astype(x.dtype), dz_x_hat_sum.sum(0), dz_sum.sum(0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def fused_group_norm(x, scale, bias, num_groups: int, epsilon: float, silu: bool):
+  """``_group_norm_forward``'s output with a hand-written backward pass.
+
+  Autodiff keeps x - mean (another map the size of x) for the backward pass and reads and
+  writes maps of that size several times more; this recomputes what it needs from x and the
+  [B, G] statistics.
+  """
+  return _group_norm_forward(x, scale, bias, num_groups, epsilon, silu)[0]
+
+
+fused_group_norm.defvjp(_group_norm_forward, _group_norm_backward)
+
+
+class FusedGroupNorm(nn.Module):
+  """nn.GroupNorm (the same parameters, scale and bias [C], and values), then SiLU when
+  ``silu``, differentiated by ``fused_group_norm``'s backward pass."""
+  num_groups: int
+  dtype: Dtype = jnp.float32
+  epsilon: float = 1e-6
+  silu: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param('scale', nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (x.shape[-1],), jnp.float32)
+    return fused_group_norm(x, scale, bias, self.num_groups, self.epsilon,
+                            self.silu).astype(self.dtype)
+
+
+def group_norm(num_groups: int, dtype: Dtype, epsilon: float, silu: bool, fused: bool, name: str):
+  """x [B, *S, C] -> GroupNorm(x), then SiLU when ``silu``; parameters name/scale, name/bias.
+
+  ``fused``: FusedGroupNorm; otherwise flax's nn.GroupNorm (and nn.silu), differentiated by
+  autodiff. The values are the same.
+  """
+  if fused:
+    return FusedGroupNorm(num_groups, dtype, epsilon, silu, name=name)
+  norm = nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=dtype,
                       param_dtype=jnp.float32, name=name)
+  return (lambda x: nn.silu(norm(x))) if silu else norm
 
 
 class ResBlock(nn.Module):
@@ -58,15 +145,18 @@ class ResBlock(nn.Module):
   num_groups: int = 32
   dtype: Dtype = jnp.float32
   norm_eps: float = 1e-6
+  fused_norm: bool = True
 
   @nn.compact
   def __call__(self, x, temb, train: bool):
-    h = nn.silu(group_norm(self.num_groups, self.dtype, 'norm1', self.norm_eps)(x))
+    norm_silu = lambda name: group_norm(self.num_groups, self.dtype, self.norm_eps, True,
+                                        self.fused_norm, name)
+    h = norm_silu('norm1')(x)
     h = conv(self.out_ch, self.spatial_dims, self.dtype, name='conv1')(h)
     t_proj = nn.Dense(self.out_ch, dtype=self.dtype, param_dtype=jnp.float32,
                       name='temb_proj')(nn.silu(temb))
     h = h + t_proj.reshape(t_proj.shape[:1] + (1,) * self.spatial_dims + t_proj.shape[1:])
-    h = nn.silu(group_norm(self.num_groups, self.dtype, 'norm2', self.norm_eps)(h))
+    h = norm_silu('norm2')(h)
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
     h = conv(self.out_ch, self.spatial_dims, self.dtype, kernel_init=zeros_init, name='conv2')(h)
     if x.shape[-1] != self.out_ch:
@@ -85,6 +175,7 @@ class AttnBlock(nn.Module):
   dtype: Dtype = jnp.float32
   norm_eps: float = 1e-6
   head_dim: int = 0
+  fused_norm: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -95,7 +186,7 @@ class AttnBlock(nn.Module):
                        f'{self.head_dim or "?"} channels ({self.num_heads} heads); choose a '
                        f'head count or width dividing {channels}')
     head_dim = channels // num_heads
-    h = group_norm(self.num_groups, self.dtype, 'norm', self.norm_eps)(x)
+    h = group_norm(self.num_groups, self.dtype, self.norm_eps, False, self.fused_norm, 'norm')(x)
     h = h.reshape(batch, -1, channels)  # [B, N, C]
     dense = lambda name, init=nn.initializers.lecun_normal(): nn.DenseGeneral(
         (num_heads, head_dim), dtype=self.dtype, param_dtype=jnp.float32, kernel_init=init,

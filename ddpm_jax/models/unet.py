@@ -40,6 +40,9 @@ class UNet(nn.Module):
   # How the up path's doubling + 3x3 convolution is computed (layers.Upsample); not a
   # network option: the parameters and outputs are the same either way.
   subpixel_upsample: bool = True
+  # GroupNorm's backward pass by hand (layers.fused_group_norm) or by autodiff; the same
+  # parameters and outputs either way.
+  fused_group_norm: bool = True
 
   def check_input(self, x_shape, labels=None) -> None:
     """Raises ValueError when an input of x_shape [B, *spatial, C] (or labels) cannot be taken."""
@@ -74,9 +77,9 @@ class UNet(nn.Module):
     batch = x.shape[0]
     t = jnp.broadcast_to(jnp.asarray(t), (batch,))
     block = lambda out_ch: ResBlock(out_ch, self.spatial_dims, self.dropout, self.num_groups,
-                                    self.dtype, self.norm_eps)
+                                    self.dtype, self.norm_eps, self.fused_group_norm)
     attn = lambda: AttnBlock(self.num_heads, self.num_groups, self.dtype, self.norm_eps,
-                             self.attention_head_dim)
+                             self.attention_head_dim, self.fused_group_norm)
 
     temb = timestep_embedding(t * self.time_scale, self.ch, flip_sin_to_cos=self.flip_sin_to_cos,
                               freq_shift=self.freq_shift)
@@ -113,7 +116,8 @@ class UNet(nn.Module):
       if level != 0:
         h = Upsample(self.spatial_dims, self.dtype, self.subpixel_upsample)(h)
 
-    h = nn.silu(group_norm(self.num_groups, self.dtype, 'norm_out', self.norm_eps)(h))
+    h = group_norm(self.num_groups, self.dtype, self.norm_eps, True, self.fused_group_norm,
+                   'norm_out')(h)
     out_channels = self.out_channels or x.shape[-1]
     h = conv(out_channels, self.spatial_dims, self.dtype, kernel_init=zeros_init, name='conv_out')(h)
     return h.astype(jnp.float32)
