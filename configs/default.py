@@ -94,6 +94,7 @@ def get_config():
       num_steps=3000,
       batch_size=64,  # global, over all devices and hosts
       seed=0,
+      # Periods in steps; each also happens at the last step, and 0 means only then.
       log_every=50,
       checkpoint_every=500,
       sample_every=1000,

@@ -222,8 +222,9 @@ def _train(config, workdir, mesh, model, tx, schedule, init, data_iter, data_sta
         compiled = True  # rates and ETA count from here, without compilation
         if progress is not None:
           progress.start_step, progress.start_time = step, time.time()
-      checkpoint_now = step % training.checkpoint_every == 0 or step == training.num_steps
-      if step % training.log_every == 0 or checkpoint_now or stop_signum:
+      due = lambda every: step == training.num_steps or (every > 0 and step % every == 0)
+      checkpoint_now = due(training.checkpoint_every)
+      if due(training.log_every) or checkpoint_now or stop_signum:
         record = {'step': step, 'loss': float(metrics['loss']),
                   'grad_norm': float(metrics['grad_norm']),
                   'nonfinite_total': int(state.nonfinite_total), 'time': round(time.time(), 3)}
@@ -242,10 +243,10 @@ def _train(config, workdir, mesh, model, tx, schedule, init, data_iter, data_sta
         checkpointer.save(step, state, data_iter.get_state(), extras)
         metrics_log.plot()
       grid_key, eval_key = jax.random.split(jax.random.fold_in(sample_key, step))
-      if step % training.sample_every == 0 or step == training.num_steps:
+      if due(training.sample_every):
         write_samples(sample_fn, state.ema_params, grid_key, config,
                       data_stats, workdir / 'samples' / f'step_{step:07d}.png')
-      if training.eval_every and (step % training.eval_every == 0 or step == training.num_steps):
+      if training.eval_every and due(training.eval_every):
         quality = evaluate_quality(sample_fn, state.ema_params, eval_key, config, classifier)
         metrics_log.append({'step': step, **quality})
         metrics_log.plot()

@@ -47,7 +47,9 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
   np.savez(path, images=rng.integers(0, 255, (20, 8, 8, 1), dtype=np.uint8))
   config = tiny_config(name='images', path=str(path))
   config.training.num_steps = 6
+  config.training.sample_every = 0  # only at the last step
   straight = trainer.train_and_evaluate(config, tmp_path / 'straight')
+  assert [p.name for p in (tmp_path / 'straight' / 'samples').iterdir()] == ['step_0000006.png']
   config.training.num_steps = 3
   trainer.train_and_evaluate(config, tmp_path / 'resumed')
   # As if killed during step 3: only checkpoint 2 is complete.
@@ -297,8 +299,10 @@ def test_checkpoint_of_another_model_is_an_error_and_is_not_renamed(tmp_path):
 def test_workdir_check_names_what_changes_the_checkpoint_and_not_compute_settings():
   saved = tiny_config(name='digits')
   current = tiny_config(name='digits')
-  # Compute precision and dropout change how a run computes; the float32 arrays are the same.
+  # Compute precision, dropout and how layers are computed change how a run computes; the
+  # float32 arrays are the same.
   current.model.dtype, current.model.dropout = 'bfloat16', saved.model.dropout + 0.1
+  current.model.subpixel_upsample = current.model.fused_group_norm = False
   assert config_lib.checkpoint_differences(saved, current) == []
   current.model.ch = saved.model.ch * 2
   assert config_lib.checkpoint_differences(saved, current) == [
