@@ -149,8 +149,8 @@ class ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, temb, train: bool):
-    norm_silu = lambda name: group_norm(self.num_groups, self.dtype, self.norm_eps, True,
-                                        self.fused_norm, name)
+    norm_silu = lambda name: group_norm(self.num_groups, self.dtype, self.norm_eps, silu=True,
+                                        fused=self.fused_norm, name=name)
     h = norm_silu('norm1')(x)
     h = conv(self.out_ch, self.spatial_dims, self.dtype, name='conv1')(h)
     t_proj = nn.Dense(self.out_ch, dtype=self.dtype, param_dtype=jnp.float32,
@@ -186,7 +186,8 @@ class AttnBlock(nn.Module):
                        f'{self.head_dim or "?"} channels ({self.num_heads} heads); choose a '
                        f'head count or width dividing {channels}')
     head_dim = channels // num_heads
-    h = group_norm(self.num_groups, self.dtype, self.norm_eps, False, self.fused_norm, 'norm')(x)
+    h = group_norm(self.num_groups, self.dtype, self.norm_eps, silu=False, fused=self.fused_norm,
+                   name='norm')(x)
     h = h.reshape(batch, -1, channels)  # [B, N, C]
     dense = lambda name, init=nn.initializers.lecun_normal(): nn.DenseGeneral(
         (num_heads, head_dim), dtype=self.dtype, param_dtype=jnp.float32, kernel_init=init,

@@ -116,8 +116,8 @@ class UNet(nn.Module):
       if level != 0:
         h = Upsample(self.spatial_dims, self.dtype, self.subpixel_upsample)(h)
 
-    h = group_norm(self.num_groups, self.dtype, self.norm_eps, True, self.fused_group_norm,
-                   'norm_out')(h)
+    h = group_norm(self.num_groups, self.dtype, self.norm_eps, silu=True,
+                   fused=self.fused_group_norm, name='norm_out')(h)
     out_channels = self.out_channels or x.shape[-1]
     h = conv(out_channels, self.spatial_dims, self.dtype, kernel_init=zeros_init, name='conv_out')(h)
     return h.astype(jnp.float32)
