@@ -16,13 +16,13 @@ SERIES = 'series'
 # Fields of those sections that change how a run trains or computes, not what a checkpoint holds:
 # dtype is the compute precision; parameters, Adam and EMA are float32 whatever it is.
 # subpixel_upsample and fused_group_norm only change how the up path's convolutions and the
-# GroupNorm gradients are computed.
+# GroupNorm gradients are computed, fast_dropout how dropout's random draws are made.
 COMPUTE_ONLY_FIELDS = (('model', 'dropout'), ('model', 'dtype'), ('model', 'subpixel_upsample'),
-                       ('model', 'fused_group_norm'))
+                       ('model', 'fused_group_norm'), ('model', 'fast_dropout'))
 # Model fields added after runs were written; a config.json without them means these values.
 MODEL_FIELD_DEFAULTS = dict(flip_sin_to_cos=False, freq_shift=1.0, norm_eps=1e-6,
                             attention_head_dim=0, downsample_padding=0, subpixel_upsample=True,
-                            fused_group_norm=True)
+                            fused_group_norm=True, fast_dropout=True)
 # Model fields outside the network's own options, with the value a config.json without them means.
 # observed_input: the network also takes the observed values and their mask (series tasks).
 MODEL_INPUT_DEFAULTS = dict(observed_input=False)

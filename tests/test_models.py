@@ -9,7 +9,7 @@ import pytest
 from configs import cifar10, default
 from ddpm_jax import cpu_backend
 from ddpm_jax.models import UNet, compute_dtype, create_model
-from ddpm_jax.models.layers import fused_group_norm, subpixel_upsample_conv
+from ddpm_jax.models.layers import Dropout16, dropout_16bit, fused_group_norm, subpixel_upsample_conv
 from tests.helpers import error_lines, run_script
 
 
@@ -156,7 +156,68 @@ def test_fused_group_norm_is_flax_group_norm(shape, silu):
     np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * float(jnp.abs(e).max()))
 
 
-@pytest.mark.parametrize('field', ['subpixel_upsample', 'fused_group_norm'])
+@pytest.mark.parametrize('rate', [0.1, 0.3])
+def test_dropout_16bit_law(rate):
+  """Drop frequency, kept values (E[output] = x) and independence of the draws (two come from
+  one 32-bit word, half the entries apart), against the Bernoulli law, to 5 standard errors."""
+  x = jnp.ones((64, 32, 32, 16))  # 2**20 entries
+  y = np.asarray(dropout_16bit(x, rate, jax.random.key(0))).reshape(-1)
+  dropped = y == 0
+  drop_probability = 1 - round((1 - rate) * 2 ** 16) / 2 ** 16
+  assert abs(drop_probability - rate) < 2 ** -16
+  standard_error = np.sqrt(rate * (1 - rate) / y.size)
+  assert abs(dropped.mean() - drop_probability) < 5 * standard_error
+  np.testing.assert_allclose(y[~dropped], 1 / (1 - drop_probability), rtol=1e-6)
+  assert abs(y.mean() - 1) < 5 * standard_error / (1 - rate)
+  for lag in (1, 16, y.size // 2):  # neighbouring words, a channel row, the halves of a word
+    correlation = np.corrcoef(dropped[:-lag], dropped[lag:])[0, 1]
+    assert abs(correlation) < 5 / np.sqrt(y.size), lag
+  other_key = np.asarray(dropout_16bit(x, rate, jax.random.key(1))).reshape(-1) == 0
+  agreement = (dropped == other_key).mean()  # independent masks agree with p^2 + (1-p)^2
+  assert abs(agreement - (rate ** 2 + (1 - rate) ** 2)) < 5 * np.sqrt(0.25 / y.size)
+
+
+def test_dropout_16bit_edges():
+  x = jax.random.normal(jax.random.key(0), (3, 5, 7))  # an odd number of entries
+  y = dropout_16bit(x, 0.5, jax.random.key(1))
+  assert y.shape == x.shape and y.dtype == x.dtype
+  kept = np.asarray(y) != 0
+  np.testing.assert_allclose(np.asarray(y)[kept], 2 * np.asarray(x)[kept], rtol=1e-6)
+  assert 0 < kept.sum() < x.size
+  np.testing.assert_array_equal(dropout_16bit(x, 1.0, jax.random.key(1)), jnp.zeros_like(x))
+  module = Dropout16(0.5)
+  np.testing.assert_array_equal(module.apply({}, x, deterministic=True), x)
+  np.testing.assert_array_equal(Dropout16(0.0).apply({}, x, deterministic=False), x)
+  np.testing.assert_array_equal(module.apply({}, x, deterministic=False,
+                                             rngs={'dropout': jax.random.key(2)}),
+                                module.apply({}, x, deterministic=False,
+                                             rngs={'dropout': jax.random.key(2)}))
+  bf16 = dropout_16bit(x.astype(jnp.bfloat16), 0.5, jax.random.key(1))
+  assert bf16.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(bf16) != 0, kept)
+
+
+def test_fast_dropout_network_has_flax_dropout_law():
+  """The network in training mode, averaged over 256 dropout keys, with 16-bit dropout and with
+  flax's nn.Dropout: the same expectation, to 5 Monte-Carlo standard errors."""
+  x = jax.random.normal(jax.random.key(5), (2, 8, 8, 3))
+  t = jnp.array([3, 800])
+  params = randomized(tiny(dropout=0.3).init(jax.random.key(0), x, t)['params'], jax.random.key(1))
+  keys = jax.random.split(jax.random.key(2), 256)
+
+  def outputs(fast):
+    model = tiny(dropout=0.3, fast_dropout=fast)
+    apply = lambda key: model.apply({'params': params}, x, t, train=True, rngs={'dropout': key})
+    return jax.vmap(apply)(keys)  # [keys, B, H, W, C]
+
+  fast, flax_dropout = outputs(True), outputs(False)
+  eval_output = tiny(dropout=0.3).apply({'params': params}, x, t)
+  assert float(jnp.abs(fast[0] - eval_output).max()) > 1e-2  # dropout is on
+  standard_error = jnp.sqrt((fast.var(0) + flax_dropout.var(0)) / len(keys))
+  assert float(jnp.max(jnp.abs(fast.mean(0) - flax_dropout.mean(0)) / standard_error)) < 5
+
+
+@pytest.mark.parametrize('field', ['subpixel_upsample', 'fused_group_norm', 'fast_dropout'])
 @pytest.mark.parametrize('spatial_dims,shape', [(2, (2, 8, 8, 3)), (1, (2, 16, 2))])
 def test_compute_switch_keeps_parameters_outputs_and_gradients(spatial_dims, shape, field):
   on = tiny(spatial_dims=spatial_dims)

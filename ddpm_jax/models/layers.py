@@ -136,6 +136,42 @@ def group_norm(num_groups: int, dtype: Dtype, epsilon: float, silu: bool, fused:
   return (lambda x: nn.silu(norm(x))) if silu else norm
 
 
+# Dropout from 16-bit draws: a keep probability in steps of 1 / 2**16 (0.9 -> 58982 / 65536,
+# 6e-6 below), two draws per 32-bit random word. flax's nn.Dropout draws a float32 uniform per
+# entry; in the CIFAR-10 network's CPU train step its dropout took 91 ms, this one 34 ms
+# (profiler, README Speed).
+DRAW_LEVELS = 2 ** 16
+
+
+def dropout_16bit(x, rate: float, key):
+  """x [B, *S, C] with each entry zeroed with probability ``rate`` (rounded to a multiple of
+  1 / 2**16) and the others divided by the keep probability, so that E[output] = x."""
+  keep_levels = round((1.0 - rate) * DRAW_LEVELS)
+  if keep_levels <= 0:
+    return jnp.zeros_like(x)
+  words = jax.random.bits(key, ((x.size + 1) // 2,), jnp.uint32)
+  # Low halves decide the first half of the entries, high halves the rest.
+  keep = jnp.concatenate([(words & 0xFFFF) < keep_levels, (words >> 16) < keep_levels])
+  keep = keep[:x.size].reshape(x.shape)
+  return jnp.where(keep, x * jnp.asarray(DRAW_LEVELS / keep_levels, x.dtype), jnp.zeros_like(x))
+
+
+class Dropout16(nn.Module):
+  """Dropout (``dropout_16bit``) with the 'dropout' random stream, as nn.Dropout takes it."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    return dropout_16bit(x, self.rate, self.make_rng('dropout'))
+
+
+def dropout(rate: float, fast: bool):
+  """Dropout16 when ``fast``, else flax's nn.Dropout: the same law, other random draws."""
+  return Dropout16(rate) if fast else nn.Dropout(rate)
+
+
 class ResBlock(nn.Module):
   """GroupNorm -> SiLU -> conv, + Dense(time embedding) per channel, GroupNorm -> SiLU -> dropout
   -> conv, with a 1x1 shortcut when the channel count changes."""
@@ -146,6 +182,7 @@ class ResBlock(nn.Module):
   dtype: Dtype = jnp.float32
   norm_eps: float = 1e-6
   fused_norm: bool = True
+  fast_dropout: bool = True
 
   @nn.compact
   def __call__(self, x, temb, train: bool):
@@ -157,7 +194,7 @@ class ResBlock(nn.Module):
                       name='temb_proj')(nn.silu(temb))
     h = h + t_proj.reshape(t_proj.shape[:1] + (1,) * self.spatial_dims + t_proj.shape[1:])
     h = norm_silu('norm2')(h)
-    h = nn.Dropout(self.dropout)(h, deterministic=not train)
+    h = dropout(self.dropout, self.fast_dropout)(h, deterministic=not train)
     h = conv(self.out_ch, self.spatial_dims, self.dtype, kernel_init=zeros_init, name='conv2')(h)
     if x.shape[-1] != self.out_ch:
       x = conv(self.out_ch, self.spatial_dims, self.dtype, kernel=1, name='shortcut')(x)

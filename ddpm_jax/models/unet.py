@@ -43,6 +43,9 @@ class UNet(nn.Module):
   # GroupNorm's backward pass by hand (layers.fused_group_norm) or by autodiff; the same
   # parameters and outputs either way.
   fused_group_norm: bool = True
+  # Dropout masks from 16-bit draws (layers.dropout_16bit) or flax's nn.Dropout: the same law
+  # (to 1 / 2**16), other random draws; no parameters either way.
+  fast_dropout: bool = True
 
   def check_input(self, x_shape, labels=None) -> None:
     """Raises ValueError when an input of x_shape [B, *spatial, C] (or labels) cannot be taken."""
@@ -77,7 +80,8 @@ class UNet(nn.Module):
     batch = x.shape[0]
     t = jnp.broadcast_to(jnp.asarray(t), (batch,))
     block = lambda out_ch: ResBlock(out_ch, self.spatial_dims, self.dropout, self.num_groups,
-                                    self.dtype, self.norm_eps, self.fused_group_norm)
+                                    self.dtype, self.norm_eps, self.fused_group_norm,
+                                    self.fast_dropout)
     attn = lambda: AttnBlock(self.num_heads, self.num_groups, self.dtype, self.norm_eps,
                              self.attention_head_dim, self.fused_group_norm)
 
