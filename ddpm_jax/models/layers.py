@@ -47,10 +47,17 @@ def conv(features: int, spatial_dims: int, dtype: Dtype, kernel: int = 3, stride
 
 def _group_statistics(x32, num_groups: int, epsilon: float):
   """Mean and 1 / sqrt(variance + epsilon) of each group of channels of x32 [B, *S, C] (float32)
-  -> ([B, G], [B, G]); the variance as E[x^2] - E[x]^2 clipped at 0, as flax's GroupNorm does."""
-  groups = x32.reshape(x32.shape[0], -1, num_groups, x32.shape[-1] // num_groups)  # [B, S, G, C/G]
-  mean = groups.mean((1, 3))
-  variance = jnp.maximum(0.0, (groups * groups).mean((1, 3)) - mean * mean)
+  -> ([B, G], [B, G]); the variance as E[x^2] - E[x]^2 clipped at 0, as flax's GroupNorm does.
+
+  Sums over space per channel first, then over each group's channels: flax's statistics to float
+  rounding, and XLA:CPU reduces [B, S, C] over S 4-10x faster than over S and C / G at once.
+  """
+  batch, channels = x32.shape[0], x32.shape[-1]
+  flat = x32.reshape(batch, -1, channels)  # [B, S, C]
+  count = flat.shape[1] * (channels // num_groups)
+  group_sum = lambda per_channel: per_channel.reshape(batch, num_groups, -1).sum(-1)  # -> [B, G]
+  mean = group_sum(flat.sum(1)) / count
+  variance = jnp.maximum(0.0, group_sum((flat * flat).sum(1)) / count - mean * mean)
   return mean, jax.lax.rsqrt(variance + epsilon)
 
 
