@@ -303,6 +303,7 @@ def test_workdir_check_names_what_changes_the_checkpoint_and_not_compute_setting
   # float32 arrays are the same.
   current.model.dtype, current.model.dropout = 'bfloat16', saved.model.dropout + 0.1
   current.model.subpixel_upsample = current.model.fused_group_norm = False
+  current.model.fast_dropout = False
   assert config_lib.checkpoint_differences(saved, current) == []
   current.model.ch = saved.model.ch * 2
   assert config_lib.checkpoint_differences(saved, current) == [

@@ -115,8 +115,8 @@ fused_group_norm.defvjp(_group_norm_forward, _group_norm_backward)
 
 
 class FusedGroupNorm(nn.Module):
-  """nn.GroupNorm (the same parameters, scale and bias [C], and values), then SiLU when
-  ``silu``, differentiated by ``fused_group_norm``'s backward pass."""
+  """nn.GroupNorm (the same parameters, scale and bias [C], and values to float rounding), then
+  SiLU when ``silu``, differentiated by ``fused_group_norm``'s backward pass."""
   num_groups: int
   dtype: Dtype = jnp.float32
   epsilon: float = 1e-6
@@ -134,7 +134,7 @@ def group_norm(num_groups: int, dtype: Dtype, epsilon: float, silu: bool, fused:
   """x [B, *S, C] -> GroupNorm(x), then SiLU when ``silu``; parameters name/scale, name/bias.
 
   ``fused``: FusedGroupNorm; otherwise flax's nn.GroupNorm (and nn.silu), differentiated by
-  autodiff. The values are the same.
+  autodiff. The values agree to float rounding.
   """
   if fused:
     return FusedGroupNorm(num_groups, dtype, epsilon, silu, name=name)

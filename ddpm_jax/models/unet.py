@@ -41,7 +41,7 @@ class UNet(nn.Module):
   # network option: the parameters and outputs are the same either way.
   subpixel_upsample: bool = True
   # GroupNorm's backward pass by hand (layers.fused_group_norm) or by autodiff; the same
-  # parameters and outputs either way.
+  # parameters either way, and outputs that agree to float rounding.
   fused_group_norm: bool = True
   # Dropout masks from 16-bit draws (layers.dropout_16bit) or flax's nn.Dropout: the same law
   # (to 1 / 2**16), other random draws; no parameters either way.
