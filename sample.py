@@ -40,6 +40,10 @@ flags.DEFINE_integer('block', 0, 'impute --eval: hide one block of this many ste
                      'instead of random points.')
 flags.DEFINE_integer('season', 24, 'forecast / impute --eval: the season of the baselines '
                      '(24 for hourly data).')
+flags.DEFINE_bool('overwrite', False, 'Write into an --out (or --png_dir) folder that holds '
+                  'files ddpm_jax did not write.')
+flags.DEFINE_bool('allow_unknown_weights', False, 'With --eval: read --inception_weights even '
+                  'if it is not one of the two known FID weight files.')
 flags.mark_flags_as_required(['ckpt'])
 
 
@@ -59,7 +63,8 @@ def main(argv):
                       fid_stats=f.fid_stats, inception_weights=f.inception_weights,
                       task=f.task, horizon=f.horizon, series=f.series,
                       num_windows=f.num_windows, missing=f.missing, block=f.block,
-                      season=f.season)
+                      season=f.season, overwrite=f.overwrite,
+                      allow_unknown_weights=f.allow_unknown_weights)
   cli.run('sample.py', run)
 
 

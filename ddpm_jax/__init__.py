@@ -20,7 +20,7 @@ _NAMES = {
     'diffusion_loss': ('ddpm_jax.losses', 'diffusion_loss'),
     'load_sampler': ('ddpm_jax.inference', 'load_sampler'),
     'make_sample_fn': ('ddpm_jax.inference', 'make_sample_fn'),
-    'LazyWindows': ('ddpm_jax.timeseries', 'LazyWindows'),
+    'LazyWindows': ('ddpm_jax.series_data', 'LazyWindows'),
     'interop': ('ddpm_jax.interop', None),
 }
 __all__ = sorted(_NAMES)

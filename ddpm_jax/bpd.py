@@ -16,6 +16,7 @@ import json
 from absl import app, flags
 
 from ddpm_jax import cli, evaluation, inference
+from ddpm_jax.errors import InputError
 
 flags.DEFINE_string('ckpt', None, 'A training workdir or one of its checkpoints.')
 flags.DEFINE_string('split', 'test', 'Split of a tensorflow-datasets set.')
@@ -32,7 +33,7 @@ def main(argv):
 
   def run():
     if f.num_images < 0 or f.batch_size < 1:
-      raise ValueError('--num_images must be >= 0 and --batch_size >= 1')
+      raise InputError('--num_images must be >= 0 and --batch_size >= 1')
     result = evaluation.bits_per_dim(f.ckpt, split=f.split, num_images=f.num_images,
                                      batch_size=f.batch_size, seed=f.seed)
     workdir = inference.resolve_checkpoint(f.ckpt)[0]

@@ -6,8 +6,9 @@ sharding of the current mesh, so a checkpoint written on N devices or processes 
 other count.
 
 A checkpoint that fails to restore is one of two things, told apart before anything is renamed:
-- damaged: its metadata cannot be read, or it describes the expected arrays but their data
-  cannot be read (missing or truncated files). The trainer sets it aside (``<step>.damaged``,
+- damaged: a file differs from the sha256 recorded when the step was written (``DIGESTS``), its
+  metadata cannot be read, or it describes the expected arrays but their data cannot be read
+  (missing or truncated files). The trainer sets it aside (``<step>.damaged``,
   then a barrier) and uses the previous one; a reader warns and uses the previous one, renaming
   nothing.
 - not damaged (a CheckpointError, nothing renamed): it holds arrays of other shapes (another
@@ -17,6 +18,8 @@ A checkpoint that fails to restore is one of two things, told apart before anyth
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging as python_logging
 import os
 import pathlib
@@ -38,7 +41,54 @@ class Restored(NamedTuple):
 
 
 class DamagedCheckpoint(Exception):
-  """The files of one checkpoint step are missing or unreadable."""
+  """The files of one checkpoint step are missing, unreadable or not what was written."""
+
+
+# Beside orbax's files in each step folder: the sha256 of every file of the step, written once
+# the step is complete. orbax keeps no checksum, so without it flipped bytes restore silently.
+DIGESTS = 'ddpm_jax_digests.json'
+
+
+def _sha256(path: pathlib.Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as file:
+    for block in iter(lambda: file.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _step_files(folder: pathlib.Path) -> list[pathlib.Path]:
+  return sorted(p for p in folder.rglob('*') if p.is_file() and p.name != DIGESTS)
+
+
+def write_digests(folder: pathlib.Path) -> None:
+  """Records the sha256 of every file of a complete step folder (atomically)."""
+  digests = {str(p.relative_to(folder)): _sha256(p) for p in _step_files(folder)}
+  partial = folder / f'{DIGESTS}.partial'
+  partial.write_text(json.dumps(digests, indent=0, sort_keys=True))
+  os.replace(partial, folder / DIGESTS)
+
+
+def verify_digests(folder: pathlib.Path) -> bool:
+  """Raises DamagedCheckpoint when a file of the step is missing or differs from its recorded
+  digest; False when the step has no digests (written before they existed, or cut off between
+  the save and its digest), True when every file matches."""
+  path = folder / DIGESTS
+  if not path.is_file():
+    return False
+  try:
+    digests = json.loads(path.read_text())
+    if not isinstance(digests, dict):
+      raise ValueError('not an object')
+  except (ValueError, UnicodeDecodeError) as error:
+    raise DamagedCheckpoint(f'{DIGESTS} is unreadable ({error})') from None
+  for name, expected in digests.items():
+    file = folder / name
+    if not file.is_file():
+      raise DamagedCheckpoint(f'{name} is missing')
+    if _sha256(file) != expected:
+      raise DamagedCheckpoint(f'{name} differs from the file that was written (sha256)')
+  return True
 
 
 # Failures of a restore that say nothing about the files' integrity.
@@ -139,6 +189,8 @@ class Checkpointer:
     step, self._pending_step = self._pending_step, None
     try:
       self.manager.wait_until_finished()
+      if sharding.is_main_process():
+        write_digests(self.directory / str(step))
     except Exception as error:
       raise self._write_error(step, error) from None
 
@@ -190,8 +242,9 @@ class Checkpointer:
     """
     target = _restore_target(abstract_state, target_sharding)
     self._check_readable(step)
+    verify_digests(self.directory / str(step))
     self._check_metadata(step, target)
-    item_names = {p.name for p in (self.directory / str(step)).iterdir()}
+    item_names = {p.name for p in (self.directory / str(step)).iterdir() if p.is_dir()}
     args = dict(state=ocp.args.StandardRestore(target), extras=ocp.args.JsonRestore())
     if 'data_iter' in item_names:
       args['data_iter'] = ocp.args.JsonRestore()

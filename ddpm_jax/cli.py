@@ -8,14 +8,18 @@ import sys
 from absl import flags, logging
 
 from ddpm_jax import compilation_cache, cpu_backend, run_log
-from ddpm_jax.errors import (CheckpointError, Interrupted, LaunchError, TrainingError)
+from ddpm_jax.errors import Interrupted, UserError
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, TrainingError, CheckpointError,
-               LaunchError)
+# The project's own errors, and the OS errors of a path the user gave (missing, a file where a
+# folder belongs or the reverse, no permission, already there). Everything else is a bug and
+# keeps its traceback.
+USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+               PermissionError, FileExistsError)
 
 
 def run(program: str, fn):
-  """Calls fn(); a user-facing error becomes ``<program>: error: <one line>`` and exit code 1.
+  """Calls fn(); a user error (``USER_ERRORS``) becomes ``<program>: error: <one line>`` and exit
+  code 1; any other exception is a bug and shows its traceback.
 
   Set DDPM_JAX_DEBUG=1 to see the traceback instead. Logging defaults to warnings (orbax logs
   every save and restore at INFO); --verbosity=0 shows it. JAX's persistent compilation cache

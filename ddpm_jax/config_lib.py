@@ -8,6 +8,7 @@ import pathlib
 import ml_collections
 
 from ddpm_jax import schedules as schedules_lib
+from ddpm_jax.errors import InputError
 
 # Sections a checkpoint depends on: resuming with other values here cannot work.
 CHECKPOINT_SECTIONS = ('model', 'diffusion')
@@ -26,6 +27,42 @@ MODEL_FIELD_DEFAULTS = dict(flip_sin_to_cos=False, freq_shift=1.0, norm_eps=1e-6
 # Model fields outside the network's own options, with the value a config.json without them means.
 # observed_input: the network also takes the observed values and their mask (series tasks).
 MODEL_INPUT_DEFAULTS = dict(observed_input=False)
+
+
+# Ranges of the sizes a config (or a downloaded run's config.json, or a diffusers config.json)
+# may declare, checked before anything is built: beyond them a typo or a hostile file would
+# allocate for minutes or exhaust memory. (section, field): (low, high); sequences per entry.
+LIMITS = {
+    ('model', 'ch'): (1, 4096),
+    ('model', 'ch_mult'): (1, 64),
+    ('model', 'num_res_blocks'): (1, 32),
+    ('model', 'num_heads'): (1, 256),
+    ('model', 'num_groups'): (1, 4096),
+    ('model', 'num_classes'): (0, 100_000),
+    ('model', 'attention_head_dim'): (0, 4096),
+    ('diffusion', 'num_timesteps'): (1, 100_000),
+    ('data', 'image_size'): (0, 4096),
+    ('data', 'channels'): (0, 4096),
+    ('training', 'batch_size'): (1, 1 << 20),
+    ('sampling', 'batch_size'): (1, 1 << 20),
+}
+MAX_LEVELS = 8  # entries of model.ch_mult
+
+
+def check_limits(config) -> None:
+  """One line naming the first field of ``LIMITS`` that is not an integer in its range."""
+  for (section, field), (low, high) in LIMITS.items():
+    if section not in config or field not in config[section]:
+      continue
+    value = config[section][field]
+    entries = list(value) if isinstance(value, (tuple, list)) else [value]
+    if isinstance(value, (tuple, list)) and not 1 <= len(entries) <= MAX_LEVELS:
+      raise InputError(f'{section}.{field} has {len(entries)} entries; it takes 1 to '
+                       f'{MAX_LEVELS}')
+    for entry in entries:
+      if isinstance(entry, bool) or not isinstance(entry, int) or not low <= entry <= high:
+        raise InputError(f'{section}.{field}={value!r} is out of range: it takes integers from '
+                         f'{low} to {high}')
 
 
 def schedule_from_config(config):
@@ -50,29 +87,33 @@ def resolve(config, example_shape: tuple, num_classes: int) -> ml_collections.Co
   the data; other values must agree with it.
   """
   resolved = ml_collections.ConfigDict(config.to_dict())
+  check_limits(resolved)
   data = resolved.data
+  if resolved.training.eval_every and data.name != 'digits':
+    raise InputError(f'training.eval_every measures digits samples, but the data is {data.name}; '
+                     'set --config.training.eval_every=0 and score images with sample.py --eval')
+  if data.random_flip and is_series(resolved):
+    raise InputError('data.random_flip mirrors images left to right; series windows have no such '
+                     'symmetry: set --config.data.random_flip=False')
   if is_series(resolved):
     data.channels = example_shape[-1]
     return resolved
-  if observed_input(resolved) and not is_series(resolved):
-    raise ValueError('model.observed_input (forecasting and imputation) needs series data')
-  if resolved.training.eval_every and data.name != 'digits':
-    raise ValueError(f'training.eval_every measures digits samples, but the data is {data.name}; '
-                     'set --config.training.eval_every=0 and score images with sample.py --eval')
+  if observed_input(resolved):
+    raise InputError('model.observed_input (forecasting and imputation) needs series data')
   height, width, channels = example_shape
   if height != width:
-    raise ValueError(f'images are {height}x{width}; the model takes square images')
+    raise InputError(f'images are {height}x{width}; the model takes square images')
   for field, actual in (('image_size', height), ('channels', channels)):
     wanted = data[field]
     if wanted and wanted != actual:
-      raise ValueError(f'data.{field}={wanted} but the {data.name} data has {field} {actual}; '
+      raise InputError(f'data.{field}={wanted} but the {data.name} data has {field} {actual}; '
                        f'set --config.data.{field}={actual} (or 0 to take it from the data)')
     data[field] = actual
   if resolved.model.num_classes and not num_classes:
-    raise ValueError(f'model.num_classes={resolved.model.num_classes} but the {data.name} data '
+    raise InputError(f'model.num_classes={resolved.model.num_classes} but the {data.name} data '
                      'has no labels; set --config.model.num_classes=0')
   if resolved.model.num_classes and num_classes > resolved.model.num_classes:
-    raise ValueError(f'the {data.name} data has {num_classes} classes but '
+    raise InputError(f'the {data.name} data has {num_classes} classes but '
                      f'model.num_classes={resolved.model.num_classes}')
   return resolved
 

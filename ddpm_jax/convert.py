@@ -20,6 +20,7 @@ from ml_collections import config_flags
 
 from ddpm_jax import cli, config_lib, inference, interop, sharding, train_state
 from ddpm_jax.checkpointing import Checkpointer
+from ddpm_jax.errors import InputError
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'default.py'
 
@@ -33,7 +34,7 @@ flags.DEFINE_string('ckpt', '', 'With --to_diffusers: the run (or one checkpoint
 
 def _check_new(path: pathlib.Path, flag: str) -> None:
   if path.exists() and (not path.is_dir() or any(path.iterdir())):
-    raise ValueError(f'{flag} {path} exists and is not empty; choose a new folder')
+    raise InputError(f'{flag} {path} exists and is not empty; choose a new folder')
 
 
 def from_diffusers(folder, workdir, base_config) -> pathlib.Path:
@@ -77,16 +78,16 @@ def main(argv):
 
   def run():
     if bool(f.from_diffusers) == bool(f.to_diffusers):
-      raise ValueError('give one of --from_diffusers=DIR (with --workdir) or --to_diffusers=DIR '
+      raise InputError('give one of --from_diffusers=DIR (with --workdir) or --to_diffusers=DIR '
                        '(with --ckpt)')
     if f.from_diffusers:
       if not f.workdir:
-        raise ValueError('--from_diffusers needs --workdir: the run directory to write')
+        raise InputError('--from_diffusers needs --workdir: the run directory to write')
       out = from_diffusers(f.from_diffusers, f.workdir, f.config)
       print(f'wrote {out}: python sample.py --ckpt={out}')
     else:
       if not f.ckpt:
-        raise ValueError('--to_diffusers needs --ckpt: the run to export')
+        raise InputError('--to_diffusers needs --ckpt: the run to export')
       out = to_diffusers(f.ckpt, f.to_diffusers)
       print(f'wrote {out}: UNet2DModel.from_pretrained({str(out)!r}), '
             f'DDPMScheduler.from_pretrained({str(out)!r})')

@@ -22,6 +22,7 @@ import os
 import re
 
 from ddpm_jax import sharding
+from ddpm_jax.errors import InputError
 
 VARIABLE = 'DDPM_JAX_CPU_CONVOLUTIONS'
 CHOICES = ('eigen', 'ynnpack')
@@ -45,7 +46,7 @@ def configure(environ=None) -> None:
   environ = os.environ if environ is None else environ
   choice = environ.get(VARIABLE, 'eigen').strip().lower() or 'eigen'
   if choice not in CHOICES:
-    raise ValueError(f'{VARIABLE}={environ[VARIABLE]!r}: choose one of {", ".join(CHOICES)}')
+    raise InputError(f'{VARIABLE}={environ[VARIABLE]!r}: choose one of {", ".join(CHOICES)}')
   xla_flags = environ.get('XLA_FLAGS', '')
   if choice == 'eigen' and FLAG not in xla_flags and not several_cpu_runtimes(environ):
     environ['XLA_FLAGS'] = f'{xla_flags} {EIGEN_CONVOLUTIONS}'.strip()

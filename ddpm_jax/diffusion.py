@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import schedules as schedules_lib
+from ddpm_jax.errors import InputError
 
 PREDICTIONS = ('eps', 'x0', 'v', 'score')
 
@@ -30,21 +31,21 @@ def check_timesteps(schedule, t) -> None:
     return
   if schedules_lib.is_continuous(schedule):
     if np.issubdtype(t_value.dtype, np.integer) or np.any((t_value < 0) | (t_value > 1)):
-      raise ValueError(f'continuous-time t must be float in [0, 1]; got dtype {t_value.dtype}, '
+      raise InputError(f'continuous-time t must be float in [0, 1]; got dtype {t_value.dtype}, '
                        f'range [{t_value.min()}, {t_value.max()}]')
     return
   num_timesteps = schedule.num_timesteps
   if not np.issubdtype(t_value.dtype, np.integer):
-    raise ValueError(f'discrete timesteps must be integers in [0, {num_timesteps - 1}], '
+    raise InputError(f'discrete timesteps must be integers in [0, {num_timesteps - 1}], '
                      f'got dtype {t_value.dtype}')
   if np.any((t_value < 0) | (t_value >= num_timesteps)):
-    raise ValueError(f'timesteps must lie in [0, {num_timesteps - 1}]; got range '
+    raise InputError(f'timesteps must lie in [0, {num_timesteps - 1}]; got range '
                      f'[{t_value.min()}, {t_value.max()}]')
 
 
 def check_prediction(name: str, allowed=PREDICTIONS) -> None:
   if name not in allowed:
-    raise ValueError(f'unknown prediction target {name!r}; choose one of {", ".join(allowed)}')
+    raise InputError(f'unknown prediction target {name!r}; choose one of {", ".join(allowed)}')
 
 
 def alpha_sigma(schedule, t):
@@ -88,7 +89,7 @@ def q_posterior(schedule: schedules_lib.DiscreteSchedule, x0, x_t, t):
   Returns (mean [B, ...], variance [B, 1...], log_variance [B, 1...]).
   """
   if schedules_lib.is_continuous(schedule):
-    raise ValueError('q_posterior needs a discrete schedule (linear, cosine or from_betas)')
+    raise InputError('q_posterior needs a discrete schedule (linear, cosine or from_betas)')
   check_timesteps(schedule, t)
   t = jnp.asarray(t)
   mean = (per_example(schedule.posterior_mean_coef1[t], x0) * x0
@@ -108,7 +109,7 @@ def reverse_log_variance(schedule: schedules_lib.DiscreteSchedule, variance: str
     return schedule.posterior_log_variance_clipped
   if variance == 'large':
     return jnp.log(jnp.concatenate([schedule.posterior_variance[1:2], schedule.betas[1:]]))
-  raise ValueError(f'unknown reverse variance {variance!r}; choose one of '
+  raise InputError(f'unknown reverse variance {variance!r}; choose one of '
                    f'{", ".join(REVERSE_VARIANCES)}')
 
 

@@ -21,6 +21,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from ddpm_jax import image_metrics
+from ddpm_jax.errors import InputError
 
 CACHE_FILE = 'digits_classifier_v1.npz'
 NUM_TRAIN = 1000
@@ -47,7 +48,7 @@ class DigitsClassifier(NamedTuple):
   def _hidden_and_logits(self, images) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(images, np.float64).reshape(len(images), -1) / 255.0  # [N, 64]
     if x.shape[1] != self.weights[0].shape[0]:
-      raise ValueError(f'the digits classifier takes 8x8 one-channel images, got '
+      raise InputError(f'the digits classifier takes 8x8 one-channel images, got '
                        f'{list(np.shape(images))[1:]}')
     for weight, bias in zip(self.weights[:-1], self.biases[:-1]):
       x = np.maximum(x @ weight + bias, 0.0)
@@ -113,7 +114,7 @@ def quality(images: np.ndarray, labels: Optional[np.ndarray] = None,
   """{'fd', 'confidence'[, 'label_agreement']} of uint8 digits [N, 8, 8, 1] (N >= 2)."""
   classifier = classifier or load_classifier()
   if len(images) < 2:
-    raise ValueError(f'digits quality needs at least 2 samples, got {len(images)}')
+    raise InputError(f'digits quality needs at least 2 samples, got {len(images)}')
   features = classifier.features(images)
   mu, sigma = image_metrics.statistics(features)
   probabilities = classifier.probabilities(images)

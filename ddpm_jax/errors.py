@@ -1,7 +1,9 @@
 """The errors a user sees as one line (``ddpm_jax.cli`` turns them into ``<program>: error: ...``).
 
-Every module raises these (or ValueError / FileNotFoundError for bad arguments); none imports
-another's errors.
+Bad input raises a ``UserError`` where it is detected, saying what to do: ``InputError`` for an
+argument, a file's content or a config value (a ValueError too, so library callers that catch
+ValueError keep working), the others for a run that cannot go on. Anything else that escapes a
+command is a bug and keeps its traceback. No module imports another's errors.
 """
 
 from __future__ import annotations
@@ -9,16 +11,24 @@ from __future__ import annotations
 import signal
 
 
-class CheckpointError(RuntimeError):
+class UserError(Exception):
+  """Something the user can fix; the message says what."""
+
+
+class InputError(UserError, ValueError):
+  """A bad argument, config value or file content (a malformed, oversized or non-finite file)."""
+
+
+class CheckpointError(UserError, RuntimeError):
   """A checkpoint could not be written or read for a reason other than damage (a full disk, a
   permission, a checkpoint of another model)."""
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
   """The run cannot go on (it diverged)."""
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError, RuntimeError):
   """Multi-process JAX could not start: a launch variable is wrong or a peer is missing."""
 
 

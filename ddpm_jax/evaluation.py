@@ -15,6 +15,7 @@ import numpy as np
 from ddpm_jax import (config_lib, digits_quality, diffusion, image_metrics, inception, inference,
                       input_pipeline, likelihood, progress)
 from ddpm_jax import schedules as schedules_lib
+from ddpm_jax.errors import InputError
 
 FID_PROTOCOL = ('pytorch-fid: Inception-v3 (TF 2015-12-05) pool3, bilinear resize to 299 '
                 '(align_corners=False, no antialias), 2x/255-1')
@@ -34,18 +35,23 @@ def _reference_set(config, workdir: pathlib.Path, fid_stats: str, features_fn):
   return reference
 
 
-def check_before_sampling(config, fid_stats: str = '', inception_weights: str = '') -> None:
+def _note(text: str) -> None:
+  print(f'note: {text}', file=sys.stderr, flush=True)
+
+
+def check_before_sampling(config, fid_stats: str = '', inception_weights: str = '',
+                          allow_unknown_weights: bool = False) -> None:
   """What evaluate_images will need, checked before any sample is drawn: the Inception weights
   (except for digits, scored without them) and the statistics file."""
   if config.data.name != 'digits':
-    inception.find_weights(inception_weights)
+    inception.find_weights(inception_weights, allow_unknown_weights, _note)
   if fid_stats and not pathlib.Path(fid_stats).expanduser().is_file():
     raise FileNotFoundError(f'--fid_stats {fid_stats} does not exist')
 
 
 def evaluate_images(samples: np.ndarray, config, workdir: pathlib.Path,
                     labels: Optional[np.ndarray] = None, fid_stats: str = '',
-                    inception_weights: str = '') -> dict:
+                    inception_weights: str = '', allow_unknown_weights: bool = False) -> dict:
   """Scores uint8 samples [N, H, W, C]: {'fid', 'kid', 'kid_std', 'fid_reference', ...} and,
   for digits, {'digits_fd', 'digits_confidence'[, 'digits_label_agreement']}.
 
@@ -58,14 +64,14 @@ def evaluate_images(samples: np.ndarray, config, workdir: pathlib.Path,
     scores = digits_quality.quality(samples, labels)
     result.update({f'digits_{k}': v for k, v in scores.items()})
     try:
-      inception.find_weights(inception_weights)
+      inception.find_weights(inception_weights, allow_unknown_weights, _note)
     except FileNotFoundError:
       print('note: no Inception weights, so no FID; the digits scores need none (see '
             'python -m ddpm_jax.fid for where to get them)', file=sys.stderr)
       return result
   if note:
     print(f'note: {note}', file=sys.stderr)
-  params = inception.load_params(inception_weights)
+  params = inception.load_params(inception_weights, allow_unknown_weights, _note)
   extractor = inception.feature_extractor(params)
   reference = _reference_set(config, workdir, fid_stats, lambda: extractor)
   generated = image_metrics.images_feature_set('samples', images, extractor)
@@ -96,11 +102,11 @@ def bits_per_dim(ckpt: str, *, split: str = 'test', num_images: int = 0, batch_s
   sample_fn, params = inference.load_sampler(ckpt)
   config, model = sample_fn.config, sample_fn.model
   if config_lib.is_series(config):
-    raise ValueError('bits per dimension is defined here for 8-bit images; this run models a '
+    raise InputError('bits per dimension is defined here for 8-bit images; this run models a '
                      'time series')
   schedule = config_lib.schedule_from_config(config)
   if schedules_lib.is_continuous(schedule):
-    raise ValueError(f'checkpoint {sample_fn.step} uses the continuous-time '
+    raise InputError(f'checkpoint {sample_fn.step} uses the continuous-time '
                      f'{config.diffusion.schedule} schedule; the discrete bound needs a '
                      'linear or cosine (discrete) run')
   images, description = _bound_data(config, split, num_images)

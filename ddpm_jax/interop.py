@@ -19,8 +19,9 @@ import ml_collections
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from ddpm_jax import config_lib
+from ddpm_jax import config_lib, file_checks
 from ddpm_jax.models import create_model
+from ddpm_jax.errors import InputError
 
 WEIGHTS = 'diffusion_pytorch_model.safetensors'
 UNET_CONFIG = 'config.json'
@@ -39,7 +40,31 @@ _VARIANCES = {'fixed_small': 'small', 'fixed_small_log': 'small', 'fixed_large':
 
 
 def _refuse(field: str, value, what: str = 'has no counterpart in the ddpm_jax UNet') -> None:
-  raise ValueError(f'diffusers {field}={value!r} {what}')
+  raise InputError(f'diffusers {field}={repr(value)[:80]} {what}')
+
+
+def _integer(config: dict, field: str, default, low: int, high: int) -> int:
+  """config[field] (or default) if it is an integer in [low, high], else one line."""
+  value = config.get(field, default)
+  if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+    _refuse(field, value, f'is not an integer from {low} to {high}')
+  return value
+
+
+def _number(config: dict, field: str, default, low: float, high: float) -> float:
+  value = config.get(field, default)
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+      not low <= value <= high:  # NaN fails too
+    _refuse(field, value, f'is not a number from {low} to {high}')
+  return float(value)
+
+
+def _names(config: dict, field: str) -> list:
+  value = config.get(field)
+  if not isinstance(value, list) or not 1 <= len(value) <= config_lib.MAX_LEVELS or \
+      not all(isinstance(v, str) for v in value):
+    _refuse(field, value, f'is not a list of 1 to {config_lib.MAX_LEVELS} block names')
+  return value
 
 
 # --- configs -------------------------------------------------------------------------------
@@ -51,11 +76,20 @@ def model_fields_from_unet_config(unet: dict) -> dict:
   for field, accepted in _FIXED_UNET_OPTIONS.items():
     if field in unet and unet[field] != accepted:
       _refuse(field, unet[field])
-  channels = [int(c) for c in unet['block_out_channels']]
+  channels = unet.get('block_out_channels')
+  low, high = config_lib.LIMITS[('model', 'ch')]
+  if not isinstance(channels, list) or not 1 <= len(channels) <= config_lib.MAX_LEVELS or \
+      not all(isinstance(c, int) and not isinstance(c, bool) and low <= c <= high
+              for c in channels):
+    _refuse('block_out_channels', channels, f'is not a list of 1 to {config_lib.MAX_LEVELS} '
+            f'integers from {low} to {high}')
   ch = channels[0]
   if any(c % ch for c in channels):
     _refuse('block_out_channels', channels, 'is not a multiple of its first entry')
-  down, up = list(unet['down_block_types']), list(unet['up_block_types'])
+  down, up = _names(unet, 'down_block_types'), _names(unet, 'up_block_types')
+  if len(down) != len(channels):
+    _refuse('down_block_types', down, f'has {len(down)} blocks for {len(channels)} '
+            'block_out_channels')
   for i, block in enumerate(down):
     if block not in ('DownBlock2D', 'AttnDownBlock2D'):
       _refuse(f'down_block_types[{i}]', block)
@@ -63,35 +97,42 @@ def model_fields_from_unet_config(unet: dict) -> dict:
   if up != mirror:
     _refuse('up_block_types', up, f'does not mirror down_block_types (expected {mirror})')
   size = unet.get('sample_size', 32)
-  if isinstance(size, (list, tuple)):
-    if len(set(size)) != 1:
+  if isinstance(size, list) and size:
+    if len(set(map(str, size))) != 1:
       _refuse('sample_size', size, 'is not square')
     size = size[0]
-  if unet.get('in_channels', 3) != unet.get('out_channels', 3):
-    _refuse('out_channels', unet.get('out_channels'), f'differs from in_channels '
-            f'{unet.get("in_channels")}')
-  groups = unet.get('norm_num_groups', 32)
+  size = _integer({'sample_size': size}, 'sample_size', 32, 1,
+                  config_lib.LIMITS[('data', 'image_size')][1])
+  in_channels = _integer(unet, 'in_channels', 3, 1, 64)
+  if _integer(unet, 'out_channels', 3, 1, 64) != in_channels:
+    _refuse('out_channels', unet.get('out_channels'), f'differs from in_channels {in_channels}')
+  groups = _integer(unet, 'norm_num_groups', 32, 1, ch)
   if unet.get('attn_norm_num_groups') not in (None, groups):
     _refuse('attn_norm_num_groups', unet['attn_norm_num_groups'])
   if unet.get('time_embedding_dim') not in (None, 4 * ch):
     _refuse('time_embedding_dim', unet['time_embedding_dim'])
   head_dim = unet.get('attention_head_dim', 8)  # diffusers' default; null: one head per layer
-  if isinstance(head_dim, (list, tuple)):
-    if len(set(head_dim)) != 1:
+  if isinstance(head_dim, list) and head_dim:
+    if len(set(map(str, head_dim))) != 1:
       _refuse('attention_head_dim', head_dim, 'differs between blocks')
     head_dim = head_dim[0]
+  head_dim = _integer({'attention_head_dim': head_dim or 0}, 'attention_head_dim', 0, 0,
+                      max(channels))
+  if not isinstance(unet.get('flip_sin_to_cos', True), bool):
+    _refuse('flip_sin_to_cos', unet['flip_sin_to_cos'], 'is not true or false')
   model = dict(
-      ch=ch, ch_mult=tuple(c // ch for c in channels), num_res_blocks=unet.get('layers_per_block', 2),
+      ch=ch, ch_mult=tuple(c // ch for c in channels),
+      num_res_blocks=_integer(unet, 'layers_per_block', 2, 1,
+                              config_lib.LIMITS[('model', 'num_res_blocks')][1]),
       attn_resolutions=tuple(size // 2 ** level for level, block in enumerate(down)
                              if block.startswith('Attn')),
-      dropout=float(unet.get('dropout', 0.0)), num_heads=1, num_groups=groups, num_classes=0,
-      spatial_dims=2, dtype='float32', flip_sin_to_cos=bool(unet.get('flip_sin_to_cos', True)),
-      freq_shift=float(unet.get('freq_shift', 0)), norm_eps=float(unet.get('norm_eps', 1e-5)),
-      attention_head_dim=int(head_dim or 0),
-      downsample_padding=int(unet.get('downsample_padding', 1)))
-  if model['downsample_padding'] not in (0, 1):
-    _refuse('downsample_padding', model['downsample_padding'])
-  return {'model': model, 'data': dict(image_size=int(size), channels=int(unet.get('in_channels', 3)))}
+      dropout=_number(unet, 'dropout', 0.0, 0.0, 0.99), num_heads=1, num_groups=groups,
+      num_classes=0, spatial_dims=2, dtype='float32',
+      flip_sin_to_cos=unet.get('flip_sin_to_cos', True),
+      freq_shift=_number(unet, 'freq_shift', 0, -1e3, 1e3),
+      norm_eps=_number(unet, 'norm_eps', 1e-5, 1e-12, 1.0), attention_head_dim=head_dim,
+      downsample_padding=_integer(unet, 'downsample_padding', 1, 0, 1))
+  return {'model': model, 'data': dict(image_size=size, channels=in_channels)}
 
 
 def fields_from_scheduler_config(scheduler: dict) -> dict:
@@ -112,9 +153,11 @@ def fields_from_scheduler_config(scheduler: dict) -> dict:
     if scheduler.get(field):
       _refuse(field, scheduler[field])
   diffusion = dict(schedule=_SCHEDULES[schedule],
-                   num_timesteps=int(scheduler.get('num_train_timesteps', 1000)),
-                   beta_start=float(scheduler.get('beta_start', 1e-4)),
-                   beta_end=float(scheduler.get('beta_end', 0.02)), target=_TARGETS[prediction])
+                   num_timesteps=_integer(scheduler, 'num_train_timesteps', 1000, 1,
+                                          config_lib.LIMITS[('diffusion', 'num_timesteps')][1]),
+                   beta_start=_number(scheduler, 'beta_start', 1e-4, 0.0, 1.0),
+                   beta_end=_number(scheduler, 'beta_end', 0.02, 0.0, 1.0),
+                   target=_TARGETS[prediction])
   sampling = dict(variance=_VARIANCES[variance], clip_x0=bool(scheduler.get('clip_sample', True)))
   return {'diffusion': diffusion, 'sampling': sampling}
 
@@ -122,7 +165,7 @@ def fields_from_scheduler_config(scheduler: dict) -> dict:
 def unet_config_from_fields(model, data) -> dict:
   """The inverse of ``model_fields_from_unet_config`` (a UNet2DModel config)."""
   if model.spatial_dims != 2 or model.num_classes:
-    raise ValueError('only unconditional 2-D (image) models convert to a diffusers UNet2DModel; '
+    raise InputError('only unconditional 2-D (image) models convert to a diffusers UNet2DModel; '
                      f'this one has spatial_dims={model.spatial_dims}, '
                      f'num_classes={model.num_classes}')
   levels = len(model.ch_mult)
@@ -130,7 +173,7 @@ def unet_config_from_fields(model, data) -> dict:
           else 'DownBlock2D' for level in range(levels)]
   head_dim = model.get('attention_head_dim', 0)
   if not head_dim and model.num_heads != 1:
-    raise ValueError(f'model.num_heads={model.num_heads}: diffusers fixes the head width, not '
+    raise InputError(f'model.num_heads={model.num_heads}: diffusers fixes the head width, not '
                      f'the count; only num_heads=1 or model.attention_head_dim converts')
   return {
       '_class_name': 'UNet2DModel', 'sample_size': data.image_size,
@@ -150,7 +193,7 @@ def scheduler_config_from_fields(diffusion, sampling) -> dict:
   """A DDPMScheduler config for a discrete linear or cosine schedule."""
   schedules = {ours: theirs for theirs, ours in _SCHEDULES.items()}
   if diffusion.schedule not in schedules:
-    raise ValueError(f'diffusion.schedule={diffusion.schedule!r} has no DDPMScheduler '
+    raise InputError(f'diffusion.schedule={diffusion.schedule!r} has no DDPMScheduler '
                      f'counterpart (linear and cosine do)')
   return {'_class_name': 'DDPMScheduler', 'num_train_timesteps': diffusion.num_timesteps,
           'beta_start': diffusion.beta_start, 'beta_end': diffusion.beta_end,
@@ -248,7 +291,7 @@ def params_from_diffusers(weights: dict, model, image_size: int) -> dict:
     if f'{prefix}.weight' not in weights:
       if path[-1] == 'shortcut':
         continue
-      raise ValueError(f'the safetensors file has no tensor {prefix}.weight, which a UNet2DModel '
+      raise InputError(f'the safetensors file has no tensor {prefix}.weight, which a UNet2DModel '
                        f'of this config has; is the file complete?')
     weight, bias = take(f'{prefix}.weight'), take(f'{prefix}.bias')
     if kind == 'conv':
@@ -272,7 +315,7 @@ def params_from_diffusers(weights: dict, model, image_size: int) -> dict:
     node[path[-1]] = leaf
   unused = sorted(set(weights) - used)
   if unused:
-    raise ValueError(f'the safetensors file has {len(unused)} tensor(s) this UNet2DModel config '
+    raise InputError(f'the safetensors file has {len(unused)} tensor(s) this UNet2DModel config '
                      f'does not use, e.g. {unused[0]}; does config.json belong to these weights?')
   return params
 
@@ -289,7 +332,7 @@ def params_to_diffusers(params: dict, model, image_size: int) -> dict:
     if node is None:
       if path[-1] == 'shortcut':
         continue
-      raise ValueError(f'the parameters have no {"/".join(path)}')
+      raise InputError(f'the parameters have no {"/".join(path)}')
     if kind.startswith('attn_'):
       prefix = prefix[0]
     leaf = {k: np.asarray(v, np.float32) for k, v in node.items()}
@@ -320,17 +363,27 @@ def check_params(params: dict, expected: dict) -> None:
   got, want = flat(params), flat(expected)
   for name in sorted(set(got) | set(want)):
     if got.get(name) != want.get(name):
-      raise ValueError(f'parameter {name}: the weights give {got.get(name, "nothing")}, the model '
+      raise InputError(f'parameter {name}: the weights give {got.get(name, "nothing")}, the model '
                        f'built from config.json needs {want.get(name, "nothing")}')
 
 
 # --- folders -------------------------------------------------------------------------------
 
+MAX_JSON_BYTES = 1 << 20  # a diffusers config is a few hundred bytes
+
+
 def _read_json(path: pathlib.Path) -> dict:
+  """A JSON object from a small regular file, or one line saying why not."""
+  file_checks.check_regular_file(path, 'config file')
+  if path.stat().st_size > MAX_JSON_BYTES:
+    raise InputError(f'{path} is larger than the {MAX_JSON_BYTES >> 10} KiB a config file needs')
   try:
-    return json.loads(path.read_text())
-  except json.JSONDecodeError as error:
-    raise ValueError(f'{path} is not valid JSON ({error})') from None
+    value = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+    raise InputError(f'{path} is not valid JSON ({str(error)[:80]})') from None
+  if not isinstance(value, dict):
+    raise InputError(f'{path} holds a JSON {type(value).__name__}, not an object of fields')
+  return value
 
 
 def find_diffusers_files(folder) -> tuple[pathlib.Path, Optional[pathlib.Path]]:
@@ -368,10 +421,13 @@ def read_diffusers(folder) -> tuple[dict, dict, dict]:
   else:
     scheduler = _read_json(scheduler_path)
   sections.update(fields_from_scheduler_config(scheduler))
+  weights_path = file_checks.check_regular_file(unet_folder / WEIGHTS, 'weights file')
   try:
-    weights = load_file(unet_folder / WEIGHTS)
+    weights = load_file(weights_path)
   except Exception as error:  # safetensors raises its own error types for damaged files
-    raise ValueError(f'{unet_folder / WEIGHTS} cannot be read as safetensors ({error})') from None
+    raise InputError(f'{weights_path} cannot be read as safetensors ({error})') from None
+  for name, value in weights.items():
+    file_checks.check_finite(value, f'{weights_path}: tensor {name}')
   return sections, weights, notes
 
 

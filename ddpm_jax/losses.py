@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from ddpm_jax import diffusion
 from ddpm_jax import schedules as schedules_lib
+from ddpm_jax.errors import InputError
 
 TARGETS = ('eps', 'x0', 'v')
 WEIGHTINGS = ('simple', 'snr', 'min_snr')
@@ -66,7 +67,7 @@ def sample_timesteps(key, schedule, batch_size: int,
   """
   if schedules_lib.is_continuous(schedule):
     if loss_history is not None:
-      raise ValueError("importance sampling of t needs a discrete schedule; use "
+      raise InputError("importance sampling of t needs a discrete schedule; use "
                        "timestep_sampling='uniform' with continuous schedules")
     t = jax.random.uniform(key, (batch_size,), minval=schedule.t_min, maxval=1.0)
     return t, jnp.ones((batch_size,))
@@ -89,9 +90,9 @@ def loss_weight(log_snr, target: str, weighting: str, min_snr_gamma: float = 5.0
   ``min_snr``: x0-space weight min(SNR(t), gamma) (Hang et al. 2023).
   """
   if weighting not in WEIGHTINGS:
-    raise ValueError(f'unknown loss weighting {weighting!r}; choose one of {", ".join(WEIGHTINGS)}')
+    raise InputError(f'unknown loss weighting {weighting!r}; choose one of {", ".join(WEIGHTINGS)}')
   if target not in TARGETS:
-    raise ValueError(f'unknown target {target!r}; choose one of {", ".join(TARGETS)}')
+    raise InputError(f'unknown target {target!r}; choose one of {", ".join(TARGETS)}')
   if weighting == 'simple':
     return jnp.ones_like(log_snr)
   snr = jnp.exp(log_snr)
@@ -111,7 +112,7 @@ def diffusion_loss(apply_fn: ApplyFn, params, x0, key, schedule, *, target: str 
   (before importance weights) and ``t`` [B].
   """
   if target not in TARGETS:
-    raise ValueError(f'unknown target {target!r}; choose one of {", ".join(TARGETS)}')
+    raise InputError(f'unknown target {target!r}; choose one of {", ".join(TARGETS)}')
   t_key, noise_key, model_key = jax.random.split(key, 3)
   batch_size = x0.shape[0]
   t, importance = sample_timesteps(t_key, schedule, batch_size, loss_history)

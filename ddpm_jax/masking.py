@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from ddpm_jax.errors import InputError
 
 MASK_KINDS = ('none', 'points', 'block', 'horizon')
 
@@ -51,7 +52,7 @@ def loss_mask(mask):
 def forecast_mask(length: int, channels: int, horizon: int) -> np.ndarray:
   """[L, C]: the first L - horizon steps observed."""
   if not 0 < horizon < length:
-    raise ValueError(f'--horizon must lie in 1..{length - 1} (the window is {length} steps, and '
+    raise InputError(f'--horizon must lie in 1..{length - 1} (the window is {length} steps, and '
                      f'the forecast needs context before it), got {horizon}')
   mask = np.ones((length, channels), np.float32)
   mask[length - horizon:] = 0.0
@@ -65,13 +66,13 @@ def evaluation_mask(rng: np.random.Generator, shape: tuple, missing: float,
   count, length, _ = shape
   if block > 0:
     if block >= length:
-      raise ValueError(f'--block must be shorter than the window ({length} steps), got {block}')
+      raise InputError(f'--block must be shorter than the window ({length} steps), got {block}')
     starts = rng.integers(0, length - block + 1, count)
     steps = np.arange(length)[None, :, None]
     mask = ~((steps >= starts[:, None, None]) & (steps < starts[:, None, None] + block))
     return np.broadcast_to(mask, shape).astype(np.float32)
   if not 0.0 < missing < 1.0:
-    raise ValueError(f'--missing must lie in (0, 1), got {missing}')
+    raise InputError(f'--missing must lie in (0, 1), got {missing}')
   mask = (rng.random(shape) >= missing).astype(np.float32)
   for n in range(count):  # at least one hidden value per window, so every window is scored
     if mask[n].all():

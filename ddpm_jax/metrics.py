@@ -16,6 +16,7 @@ import numpy as np
 import scoringrules
 
 from ddpm_jax.series_data import denormalize
+from ddpm_jax.errors import InputError
 
 METRIC_NAMES = ('marginal', 'acf', 'cross_corr', 'discriminative')
 
@@ -108,7 +109,7 @@ def evaluate_against_data(samples: np.ndarray, source, stats: dict, max_windows:
   channel's mean and variance vs real training windows.
   """
   if source.validation is None:
-    raise ValueError('the series has no validation part as long as one window; raise '
+    raise InputError('the series has no validation part as long as one window; raise '
                      'data.val_fraction')
   rng = np.random.default_rng(seed)
 
@@ -157,7 +158,7 @@ def probabilistic_scores(samples: np.ndarray, target: np.ndarray, hidden: np.nda
   """
   hidden = hidden.astype(bool)
   if not hidden.any():
-    raise ValueError('nothing is hidden: there is nothing to score')
+    raise InputError('nothing is hidden: there is nothing to score')
   crps = _crps(np.moveaxis(samples, 1, 0), target)  # [K, L, C]
   median = np.median(samples, axis=1)
   error = (median - target)[hidden]

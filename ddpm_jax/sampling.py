@@ -24,6 +24,7 @@ import numpy as np
 
 from ddpm_jax import diffusion
 from ddpm_jax import schedules as schedules_lib
+from ddpm_jax.errors import InputError
 
 METHODS = ('ddpm', 'ddim', 'dpm_solver++', 'dpm_solver++3m', 'euler_maruyama', 'ode')
 MULTISTEP_ORDER = {'dpm_solver++': 2, 'dpm_solver++3m': 3}
@@ -51,28 +52,28 @@ class Plan(NamedTuple):
 def check_method(method: str, schedule, num_steps: Optional[int]) -> int:
   """Validates a method for a schedule; returns the number of steps it will take."""
   if method not in METHODS:
-    raise ValueError(f'unknown sampling method {method!r}; choose one of {", ".join(METHODS)}')
+    raise InputError(f'unknown sampling method {method!r}; choose one of {", ".join(METHODS)}')
   continuous = schedules_lib.is_continuous(schedule)
   if continuous and method in DISCRETE_ONLY:
-    raise ValueError(f'{method!r} needs a discrete schedule; with a continuous one use one of '
+    raise InputError(f'{method!r} needs a discrete schedule; with a continuous one use one of '
                      f'{", ".join(m for m in METHODS if m not in DISCRETE_ONLY)}')
   if not continuous and method in CONTINUOUS_ONLY:
-    raise ValueError(f'{method!r} needs a continuous (vp_*) schedule; with a discrete one use one '
+    raise InputError(f'{method!r} needs a continuous (vp_*) schedule; with a discrete one use one '
                      f'of {", ".join(m for m in METHODS if m not in CONTINUOUS_ONLY)}')
   if method == 'ddpm':
     if num_steps not in (None, schedule.num_timesteps):
-      raise ValueError(f'ddpm always takes all T = {schedule.num_timesteps} steps; got '
+      raise InputError(f'ddpm always takes all T = {schedule.num_timesteps} steps; got '
                        f'num_steps={num_steps} (use ddim or dpm_solver++ for fewer)')
     return schedule.num_timesteps
   if num_steps is None:
-    raise ValueError(f'{method} needs num_steps')
+    raise InputError(f'{method} needs num_steps')
   if int(num_steps) != num_steps or num_steps < 1:
-    raise ValueError(f'num_steps must be a positive integer, got {num_steps!r}')
+    raise InputError(f'num_steps must be a positive integer, got {num_steps!r}')
   # The dpm_solver++ methods also evaluate the schedule at the end of their last step: N + 1
   # distinct times.
   most = None if continuous else schedule.num_timesteps - (method in MULTISTEP_ORDER)
   if most is not None and num_steps > most:
-    raise ValueError(f'num_steps={num_steps} is larger than {method} can take on the schedule\'s '
+    raise InputError(f'num_steps={num_steps} is larger than {method} can take on the schedule\'s '
                      f'T = {schedule.num_timesteps} steps; choose 1..{most}')
   return int(num_steps)
 
@@ -80,7 +81,7 @@ def check_method(method: str, schedule, num_steps: Optional[int]) -> int:
 def _strictly_decreasing_ints(values, num_timesteps: int) -> np.ndarray:
   """Rounds descending times to distinct integers in [0, T) (a too-close pair is pushed apart)."""
   if len(values) > num_timesteps:  # would push a time below 0, which indexes from the end
-    raise ValueError(f'{len(values)} distinct timesteps do not fit in T = {num_timesteps}')
+    raise InputError(f'{len(values)} distinct timesteps do not fit in T = {num_timesteps}')
   ints = np.clip(np.round(values).astype(np.int64), 0, num_timesteps - 1)
   ints = np.sort(ints)
   for i in range(1, len(ints)):  # push duplicates up...
@@ -100,7 +101,7 @@ def timesteps(schedule, num_steps: int, spacing: str = 'uniform') -> np.ndarray:
   Continuous: floats from t_max down to t_min.
   """
   if spacing not in SPACINGS:
-    raise ValueError(f'unknown spacing {spacing!r}; choose one of {", ".join(SPACINGS)}')
+    raise InputError(f'unknown spacing {spacing!r}; choose one of {", ".join(SPACINGS)}')
   unit = np.linspace(1.0, 0.0, num_steps) if num_steps > 1 else np.ones(1)
   if spacing == 'quadratic':
     unit = unit ** 2
@@ -274,6 +275,9 @@ def _sde_plan(model_fn, schedule, key, num_steps, prediction, method):
   return Plan(step, xs, num_steps * (2 if method == 'ode' else 1))
 
 
+_REPLACE_INDEX = 'replace_index'
+
+
 def _replacing(plan: Plan, replace, key) -> Plan:
   """The plan with the observed entries of x put back after every step, noised to the level the
   step lands on: x = mask * (alpha_next observed + sigma_next z) + (1 - mask) x (RePaint's
@@ -284,14 +288,16 @@ def _replacing(plan: Plan, replace, key) -> Plan:
   observed, mask = replace
 
   def step(carry, xs):
+    xs = dict(xs)
+    index = xs.pop(_REPLACE_INDEX)  # the step's number: one noise key per step, never reused
     carry, (_, x0) = plan.step(carry, xs)
     x = carry[0] if isinstance(carry, tuple) else carry
-    noise = jax.random.normal(jax.random.fold_in(key, jnp.asarray(xs['t'] * 1000, jnp.int32)),
-                              x.shape, x.dtype)
+    noise = jax.random.normal(jax.random.fold_in(key, index), x.shape, x.dtype)
     x = jnp.where(mask > 0, xs['alpha_next'] * observed + xs['sigma_next'] * noise, x)
     return ((x,) + tuple(carry[1:]) if isinstance(carry, tuple) else x), (x, x0)
 
-  return plan._replace(step=step)
+  xs = {**plan.xs, _REPLACE_INDEX: jnp.arange(num_plan_steps(plan), dtype=jnp.int32)}
+  return plan._replace(step=step, xs=xs)
 
 
 def make_plan(model_fn: ModelFn, schedule, key, *, method: str, num_steps: Optional[int] = None,
@@ -308,7 +314,7 @@ def make_plan(model_fn: ModelFn, schedule, key, *, method: str, num_steps: Optio
   diffusion.check_prediction(prediction, ('eps', 'x0', 'v'))
   num_steps = check_method(method, schedule, num_steps)
   if not 0.0 <= eta <= 1.0:
-    raise ValueError(f'eta must lie in [0, 1], got {eta}')
+    raise InputError(f'eta must lie in [0, 1], got {eta}')
   if method == 'ddpm':
     return _ddpm_plan(model_fn, schedule, key, prediction, clip_x0, variance)
   if method == 'ddim':
@@ -345,7 +351,7 @@ def _start(plan: Plan, key, shape, x_T):
   if x_T is None:
     x_T = jax.random.normal(jax.random.split(key)[0], shape, jnp.float32)
   elif tuple(x_T.shape) != tuple(shape):
-    raise ValueError(f'x_T has shape {tuple(x_T.shape)} but shape is {tuple(shape)}')
+    raise InputError(f'x_T has shape {tuple(x_T.shape)} but shape is {tuple(shape)}')
   return plan.init(x_T)
 
 

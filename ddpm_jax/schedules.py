@@ -16,6 +16,7 @@ from typing import NamedTuple, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from ddpm_jax.errors import InputError
 
 __all__ = [
     'DiscreteSchedule', 'VPLinear', 'VPCosine', 'Schedule', 'linear', 'cosine', 'from_betas',
@@ -45,10 +46,10 @@ def from_betas(betas) -> DiscreteSchedule:
   """Builds every table from arbitrary betas [T] in (0, 1], computed in float64."""
   betas = np.asarray(betas, dtype=np.float64)
   if betas.ndim != 1 or betas.shape[0] < 1:
-    raise ValueError(f'betas must be a non-empty 1-D array, got shape {betas.shape}')
+    raise InputError(f'betas must be a non-empty 1-D array, got shape {betas.shape}')
   bad = np.flatnonzero(~((betas > 0) & (betas <= 1)))
   if bad.size:
-    raise ValueError(f'betas must lie in (0, 1]; betas[{bad[0]}] = {betas[bad[0]]}')
+    raise InputError(f'betas must lie in (0, 1]; betas[{bad[0]}] = {betas[bad[0]]}')
   alphas = 1.0 - betas
   alphas_cumprod = np.cumprod(alphas)
   alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
@@ -73,7 +74,7 @@ def from_betas(betas) -> DiscreteSchedule:
 
 def _check_num_timesteps(num_timesteps: int) -> None:
   if int(num_timesteps) != num_timesteps or num_timesteps < 1:
-    raise ValueError(f'num_timesteps must be a positive integer, got {num_timesteps!r}')
+    raise InputError(f'num_timesteps must be a positive integer, got {num_timesteps!r}')
 
 
 def linear(num_timesteps: int = 1000, beta_start: float = 1e-4,
@@ -81,7 +82,7 @@ def linear(num_timesteps: int = 1000, beta_start: float = 1e-4,
   """DDPM's linear schedule (Ho et al. 2020): betas evenly spaced from beta_start to beta_end."""
   _check_num_timesteps(num_timesteps)
   if not 0 < beta_start <= beta_end <= 1:
-    raise ValueError(f'linear schedule needs 0 < beta_start <= beta_end <= 1, got '
+    raise InputError(f'linear schedule needs 0 < beta_start <= beta_end <= 1, got '
                      f'beta_start={beta_start}, beta_end={beta_end}')
   return from_betas(np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64))
 
@@ -90,7 +91,7 @@ def cosine(num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999)
   """Nichol & Dhariwal (2021) cosine schedule: abar(t) = f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s) π/2)."""
   _check_num_timesteps(num_timesteps)
   if s < 0 or not 0 < max_beta <= 1:
-    raise ValueError(f'cosine schedule needs s >= 0 and 0 < max_beta <= 1, got s={s}, '
+    raise InputError(f'cosine schedule needs s >= 0 and 0 < max_beta <= 1, got s={s}, '
                      f'max_beta={max_beta}')
   steps = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
   f = np.cos((steps + s) / (1 + s) * np.pi / 2) ** 2
@@ -169,14 +170,14 @@ Schedule = Union[DiscreteSchedule, VPLinear, VPCosine]
 
 def vp_linear(beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3) -> VPLinear:
   if not 0 <= beta_min <= beta_max or beta_max <= 0:
-    raise ValueError(f'vp_linear needs 0 <= beta_min <= beta_max and beta_max > 0, got '
+    raise InputError(f'vp_linear needs 0 <= beta_min <= beta_max and beta_max > 0, got '
                      f'beta_min={beta_min}, beta_max={beta_max}')
   return VPLinear(beta_min=beta_min, beta_max=beta_max, t_min=t_min)
 
 
 def vp_cosine(s: float = 0.008, t_min: float = 1e-3, t_max: float = 0.999) -> VPCosine:
   if s < 0 or not 0 < t_max < 1:
-    raise ValueError(f'vp_cosine needs s >= 0 and 0 < t_max < 1, got s={s}, t_max={t_max}')
+    raise InputError(f'vp_cosine needs s >= 0 and 0 < t_max < 1, got s={s}, t_max={t_max}')
   return VPCosine(s=s, t_min=t_min, t_max=t_max)
 
 
@@ -187,7 +188,7 @@ def get_schedule(name: str, **kwargs) -> Schedule:
   """Looks a schedule up by name: one of SCHEDULE_NAMES, with that function's keyword arguments."""
   builders = dict(linear=linear, cosine=cosine, vp_linear=vp_linear, vp_cosine=vp_cosine)
   if name not in builders:
-    raise ValueError(f'unknown schedule {name!r}; choose one of {", ".join(SCHEDULE_NAMES)}')
+    raise InputError(f'unknown schedule {name!r}; choose one of {", ".join(SCHEDULE_NAMES)}')
   return builders[name](**kwargs)
 
 

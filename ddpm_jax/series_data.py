@@ -1,7 +1,7 @@
 """Long multichannel series as numpy: reading, NaN checks, normalisation, sliding windows.
 
-The bottom of the data layer (numpy only, no other ddpm_jax module). A series [N, C] is stored
-once; window i is the view ``series[i * stride : i * stride + window]``. Normalisation
+The bottom of the data layer (numpy, ddpm_jax.file_checks and errors only). A series [N, C] is
+stored once; window i is the view ``series[i * stride : i * stride + window]``. Normalisation
 statistics are fitted on the training part only and saved with the checkpoint, so samples come
 back in the original units.
 """
@@ -14,7 +14,13 @@ from typing import Sequence
 
 import numpy as np
 
+from ddpm_jax import file_checks
+from ddpm_jax.errors import InputError
+
 NORMALIZATIONS = ('zscore', 'minmax')
+# Limits of the CSV reader: a real series has a handful of short cells per row.
+MAX_CSV_COLUMNS = 10_000
+MAX_CSV_LINE = 1 << 20
 
 
 class LazyWindows:
@@ -29,13 +35,13 @@ class LazyWindows:
     if series.ndim == 1:
       series = series[:, None]
     if series.ndim != 2:
-      raise ValueError(f'a series must be [N, C], got shape {list(series.shape)}')
+      raise InputError(f'a series must be [N, C], got shape {list(series.shape)}')
     if int(window) != window or window < 1:
-      raise ValueError(f'window must be a positive integer, got {window!r}')
+      raise InputError(f'window must be a positive integer, got {window!r}')
     if int(stride) != stride or stride < 1:
-      raise ValueError(f'stride must be an integer >= 1, got {stride!r}')
+      raise InputError(f'stride must be an integer >= 1, got {stride!r}')
     if window > series.shape[0]:
-      raise ValueError(f'window {window} is longer than the series ({series.shape[0]} rows); '
+      raise InputError(f'window {window} is longer than the series ({series.shape[0]} rows); '
                        f'use a window of at most {series.shape[0]}')
     self.series, self.window, self.stride = series, int(window), int(stride)
 
@@ -66,45 +72,47 @@ def read_series(path: pathlib.Path, columns: str = '', time_column: str = 'date'
 def read_series_with_times(path: pathlib.Path, columns: str = '', time_column: str = 'date'):
   """read_series, plus the time column's values in row order (strings; None when absent)."""
   wanted = [c.strip() for c in columns.split(',') if c.strip()]
+  file_checks.check_regular_file(path, 'series file')
   if path.suffix in ('.npy', '.npz'):
-    if path.suffix == '.npy':
-      array = np.load(path)
-    else:
-      with np.load(path) as archive:
-        array = archive[next(iter(archive))]
-    array = np.asarray(array)
+    array = file_checks.load_array(path, what='series file')
     if array.ndim == 1:
       array = array[:, None]
     if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
-      raise ValueError(f'{path} must hold a numeric [N, C] array, got {array.dtype} '
+      raise InputError(f'{path} must hold a numeric [N, C] array, got {array.dtype} '
                        f'{list(array.shape)}')
     names = [str(i) for i in range(array.shape[1])]
     if wanted:
       unknown = [c for c in wanted if c not in names]
       if unknown:
-        raise ValueError(f'columns {unknown} not in {path}: an array file takes column indices '
+        raise InputError(f'columns {unknown} not in {path}: an array file takes column indices '
                          f'0..{array.shape[1] - 1}')
       array = array[:, [int(c) for c in wanted]]
       names = wanted
     return array.astype(np.float64), names, None
-  with open(path, newline='') as f:
-    rows = list(csv.reader(f))
+  rows = _read_csv_rows(path)
   if len(rows) < 2:
-    raise ValueError(f'{path} has no data rows')
+    raise InputError(f'{path} has no data rows')
   header = [h.strip() for h in rows[0]]
   body = rows[1:]
+  for r, row in enumerate(body):
+    if len(row) > len(header):
+      raise InputError(f'{path}: row {r + 2} has {len(row)} cells but the header names '
+                       f'{len(header)} columns')
   times = None
   if time_column in header:
     time_index = header.index(time_column)
-    order = sorted(range(len(body)), key=lambda r: body[r][time_index])  # ISO times sort as text
+    stamps = [row[time_index].strip() if time_index < len(row) else '' for row in body]
+    if '' in stamps:
+      raise InputError(f'{path}: row {stamps.index("") + 2} has no {time_column!r} value')
+    order = sorted(range(len(body)), key=lambda r: stamps[r])  # ISO times sort as text
     body = [body[r] for r in order]
-    times = [row[time_index].strip() for row in body]
+    times = [stamps[r] for r in order]
   names = wanted or [h for h in header if h != time_column]
   unknown = [c for c in names if c not in header]
   if unknown:
-    raise ValueError(f'column {unknown[0]!r} is not in {path}; it has {", ".join(header)}')
+    raise InputError(f'column {unknown[0]!r} is not in {path}; it has {", ".join(header)}')
   if not names:
-    raise ValueError(f'{path} has no columns besides {time_column!r}')
+    raise InputError(f'{path} has no columns besides {time_column!r}')
   array = np.empty((len(body), len(names)), np.float64)
   for j, name in enumerate(names):
     k = header.index(name)
@@ -113,23 +121,69 @@ def read_series_with_times(path: pathlib.Path, columns: str = '', time_column: s
       try:
         array[r, j] = float(cell) if cell else np.nan
       except ValueError:
-        raise ValueError(f'column {name!r} of {path} is not numeric: row {r + 2} holds '
+        raise InputError(f'column {name!r} of {path} is not numeric: row {r + 2} holds '
                          f'{cell[:40]!r}; choose numeric columns with --config.data.columns')
   return array, names, times
 
 
+def _read_csv_rows(path: pathlib.Path) -> list[list[str]]:
+  """The CSV's rows, blank lines dropped; cells and the header bounded by MAX_CSV_CELL and
+  MAX_CSV_COLUMNS."""
+  rows = []
+  try:
+    with open(path, newline='') as f:
+      for row in csv.reader(_bounded_lines(f, path)):
+        if not any(cell.strip() for cell in row):
+          continue  # a blank line, e.g. the file's last
+        if len(row) > MAX_CSV_COLUMNS:
+          raise InputError(f'{path}: row {len(rows) + 1} has {len(row)} cells, more than the '
+                           f'{MAX_CSV_COLUMNS} columns this reader takes')
+        rows.append(row)
+  except UnicodeDecodeError as error:
+    raise InputError(f'{path} is not a UTF-8 text CSV ({error.reason} at byte '
+                     f'{error.start})') from None
+  except csv.Error as error:
+    raise InputError(f'{path} is not a well-formed CSV ({error})') from None
+  return rows
+
+
+def _bounded_lines(file, path: pathlib.Path):
+  """The file's lines, refusing one longer than MAX_CSV_LINE characters before it is held."""
+  while True:
+    line = file.readline(MAX_CSV_LINE + 1)
+    if not line:
+      return
+    if len(line) > MAX_CSV_LINE:
+      raise InputError(f'{path} has a line longer than {MAX_CSV_LINE} characters; is it a CSV '
+                       'with one row per line?')
+    yield line
+
+
+def refuse_infinities(series: np.ndarray, names: Sequence[str], source: str) -> None:
+  """One line naming the first infinite value of a series [N, C] (NaN means missing; inf is
+  never data)."""
+  infinite = np.isinf(series)
+  if infinite.any():
+    row, column = np.argwhere(infinite)[0]
+    raise InputError(f'{source} holds {int(infinite.sum())} infinite value(s): data row {row} '
+                     f'(counting from 0), column {names[column]!r} is {series[row, column]}; '
+                     'only finite numbers or empty cells are accepted')
+
+
 def check_or_fill_nans(series: np.ndarray, names: Sequence[str], fill: bool, source: str):
-  """Refuses NaNs with their row numbers, or fills them by linear interpolation if asked."""
+  """Refuses NaNs with their row numbers, or fills them by linear interpolation if asked;
+  infinities are refused either way."""
+  refuse_infinities(series, names, source)
   missing = np.isnan(series)
   if not missing.any():
     return series
   for j, name in enumerate(names):
     if missing[:, j].all():
-      raise ValueError(f'column {name!r} of {source} has no numbers (all empty or NaN)')
+      raise InputError(f'column {name!r} of {source} has no numbers (all empty or NaN)')
   if not fill:
     rows = np.flatnonzero(missing.any(axis=1))
     shown = ', '.join(str(r) for r in rows[:5]) + (', ...' if len(rows) > 5 else '')
-    raise ValueError(f'{source} has NaN or empty values in {len(rows)} row(s) (data rows {shown}, '
+    raise InputError(f'{source} has NaN or empty values in {len(rows)} row(s) (data rows {shown}, '
                      f'counting from 0); clean them or set --config.data.fill_nan=True to '
                      f'interpolate')
   series = series.copy()
@@ -151,7 +205,7 @@ def fit_normalization(train_part: np.ndarray, method: str, names: Sequence[str])
     low, high = train_part.min(axis=0), train_part.max(axis=0)
     return {'method': method, 'columns': list(names), 'min': low.tolist(),
             'max': np.where(high > low, high, low + 1.0).tolist()}
-  raise ValueError(f'unknown data.normalization {method!r}; choose one of '
+  raise InputError(f'unknown data.normalization {method!r}; choose one of '
                    f'{", ".join(NORMALIZATIONS)}')
 
 
@@ -176,7 +230,7 @@ def normalize(x: np.ndarray, stats: dict, copy: bool = True) -> np.ndarray:
 def denormalize(x, stats: dict):
   """Model space -> original units; the inverse of ``normalize``."""
   if stats is None:
-    raise ValueError('this time-series run saved no normalisation statistics')
+    raise InputError('this time-series run saved no normalisation statistics')
   if stats['method'] == 'zscore':
     return x * np.asarray(stats['std'], np.float32) + np.asarray(stats['mean'], np.float32)
   low, high = np.asarray(stats['min'], np.float32), np.asarray(stats['max'], np.float32)

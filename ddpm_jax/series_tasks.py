@@ -25,7 +25,9 @@ import jax
 import numpy as np
 from matplotlib.figure import Figure
 
-from ddpm_jax import config_lib, inference, input_pipeline, masking, metrics, plots, series_data
+from ddpm_jax import (config_lib, file_checks, inference, input_pipeline, masking, metrics, plots,
+                      series_data)
+from ddpm_jax.errors import InputError
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 TASKS = ('generate', 'forecast', 'impute')
@@ -36,19 +38,20 @@ class SeriesInput:
 
   def __init__(self, config, stats: dict, series_path: str = ''):
     path = pathlib.Path(series_path or config.data.path).expanduser()
-    if not path.is_file():
+    if not path.exists():
       raise FileNotFoundError(f'series {path} does not exist; pass --series=CSV')
     columns = stats['columns']
     try:
       values, names, times = series_data.read_series_with_times(
           path, ','.join(columns) if path.suffix == '.csv' else '', config.data.time_column)
     except ValueError as error:
-      raise ValueError(f'{error} (the run was trained on columns {", ".join(columns)})') from None
+      raise InputError(f'{error} (the run was trained on columns {", ".join(columns)})') from None
     if list(names) != list(columns):
-      raise ValueError(f'{path} has columns {", ".join(names)} but the run was trained on '
+      raise InputError(f'{path} has columns {", ".join(names)} but the run was trained on '
                        f'{", ".join(columns)}')
+    series_data.refuse_infinities(values, names, str(path))
     if np.isnan(values).all():
-      raise ValueError(f'every value of {path} is missing')
+      raise InputError(f'every value of {path} is missing')
     self.path, self.values, self.times, self.names = path, values, times, list(columns)
     self.time_column = config.data.time_column if times else 'row'
 
@@ -138,11 +141,11 @@ def _test_windows(config, series: SeriesInput, num_windows: int):
       config.data.val_fraction, config.data.normalization,
       test_fraction=config.data.get('test_fraction', 0.0))
   if source.test is None:
-    raise ValueError(f'{series.path} has no test part as long as one window '
+    raise InputError(f'{series.path} has no test part as long as one window '
                      f'(data.test_fraction={config.data.get("test_fraction", 0.0)}); train with '
                      '--config.data.test_fraction=0.1 (configs/power*.py do)')
   if np.isnan(series.values).any():
-    raise ValueError(f'{series.path} has missing values; --eval scores on a complete series')
+    raise InputError(f'{series.path} has missing values; --eval scores on a complete series')
   picks = np.unique(np.linspace(0, len(source.test) - 1, min(num_windows, len(source.test)))
                     .astype(int))
   windows = series_data.denormalize(source.test.get_batch(picks)['x'], source.stats)
@@ -168,11 +171,11 @@ def forecast(sample_fn, params, out: pathlib.Path, *, horizon: int, series_path:
     windows, first_rows, source = _test_windows(config, series, num_windows)
   else:
     if len(series.values) < length - horizon:
-      raise ValueError(f'{series.path} has {len(series.values)} rows; a forecast needs the '
+      raise InputError(f'{series.path} has {len(series.values)} rows; a forecast needs the '
                        f'{length - horizon} before it (window {length} - horizon {horizon})')
     tail = series.values[len(series.values) - (length - horizon):]
     if np.isnan(tail).any():
-      raise ValueError(f'the last {length - horizon} rows of {series.path} have missing values; '
+      raise InputError(f'the last {length - horizon} rows of {series.path} have missing values; '
                        'impute them first (--task=impute)')
     windows = np.concatenate([tail, np.zeros((horizon, channels))])[None]
     first_rows = np.array([len(series.values) - (length - horizon)])
@@ -187,7 +190,7 @@ def forecast(sample_fn, params, out: pathlib.Path, *, horizon: int, series_path:
     if progress is not None:
       progress.close()
   elapsed = time.time() - start
-  out.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves nothing behind
+  file_checks.create_output_folder(out)  # only now: bad input above leaves nothing behind
   context, future = windows[:, :length - horizon], samples[:, :, length - horizon:]
   target = windows[:, length - horizon:] if evaluate else None
   arrays = dict(samples=future.astype(np.float32), context=context.astype(np.float32),
@@ -258,11 +261,11 @@ def impute(sample_fn, params, out: pathlib.Path, *, series_path: str = '',
     masks = masking.evaluation_mask(np.random.default_rng(seed), windows.shape, missing, block)
   else:
     if len(series.values) < length:
-      raise ValueError(f'{series.path} has {len(series.values)} rows, fewer than one window '
+      raise InputError(f'{series.path} has {len(series.values)} rows, fewer than one window '
                        f'({length})')
     gaps = np.isnan(series.values)
     if not gaps.any():
-      raise ValueError(f'{series.path} has no missing values: nothing to impute (--eval hides '
+      raise InputError(f'{series.path} has no missing values: nothing to impute (--eval hides '
                        'values of test windows to score the imputation)')
     starts = _covering_starts(len(series.values), length)
     rows = starts[:, None] + np.arange(length)
@@ -270,7 +273,7 @@ def impute(sample_fn, params, out: pathlib.Path, *, series_path: str = '',
     first_rows, windows = starts[keep], series.values[rows[keep]]
     masks = (~np.isnan(windows)).astype(np.float32)
     if not masks.any(axis=(1, 2)).all():
-      raise ValueError('a window of the series has no observed value at all; the imputation '
+      raise InputError('a window of the series has no observed value at all; the imputation '
                        'needs some observations in every window')
   progress = progress_factory(len(windows) * num_samples) if progress_factory else None
   start = time.time()
@@ -282,7 +285,7 @@ def impute(sample_fn, params, out: pathlib.Path, *, series_path: str = '',
     if progress is not None:
       progress.close()
   elapsed = time.time() - start
-  out.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves nothing behind
+  file_checks.create_output_folder(out)  # only now: bad input above leaves nothing behind
   print(f'{len(windows) * num_samples} imputation samples ({len(windows)} window(s) x '
         f'{num_samples}) in {elapsed:.1f} s, compilation included')
   np.savez(out / 'imputation.npz', samples=samples.astype(np.float32),

@@ -21,7 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ddpm_jax.errors import LaunchError
+from ddpm_jax.errors import InputError, LaunchError
 
 DATA_AXIS = 'data'
 LAUNCH_VARIABLES = ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID')
@@ -182,7 +182,7 @@ def check_global_batch(global_batch_size: int, mesh: Mesh) -> int:
   num_devices = mesh.devices.size
   if global_batch_size % num_devices:
     fits = num_devices * max(1, global_batch_size // num_devices)
-    raise ValueError(f'training.batch_size={global_batch_size} cannot be split over {num_devices} '
+    raise InputError(f'training.batch_size={global_batch_size} cannot be split over {num_devices} '
                      f'devices; use a multiple of {num_devices} (e.g. {fits})')
   return global_batch_size // jax.process_count()
 

@@ -13,6 +13,7 @@ import optax
 from ddpm_jax import config_lib, losses, masking
 from ddpm_jax import schedules as schedules_lib
 from ddpm_jax.models import model_apply
+from ddpm_jax.errors import InputError
 
 # Random draws for the global batch do not depend on how it is sharded.
 jax.config.update('jax_threefry_partitionable', True)
@@ -60,10 +61,10 @@ def initial_state_fn(config, model, tx, schedule, example_shape):
   loss_history = None
   if config.diffusion.timestep_sampling == 'importance':
     if schedules_lib.is_continuous(schedule):
-      raise ValueError("diffusion.timestep_sampling='importance' needs a discrete schedule")
+      raise InputError("diffusion.timestep_sampling='importance' needs a discrete schedule")
     loss_history = losses.init_loss_history(schedule.num_timesteps)
   elif config.diffusion.timestep_sampling != 'uniform':
-    raise ValueError(f'unknown diffusion.timestep_sampling '
+    raise InputError(f'unknown diffusion.timestep_sampling '
                      f'{config.diffusion.timestep_sampling!r}; choose one of '
                      f'{", ".join(losses.TIMESTEP_SAMPLINGS)}')
   if config_lib.observed_input(config):  # the network also takes observed values and a mask

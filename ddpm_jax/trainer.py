@@ -16,10 +16,10 @@ import time
 import jax
 import numpy as np
 
-from ddpm_jax import (config_lib, digits_quality, images, inference, input_pipeline, run_log,
-                      sharding, timeseries, train_state)
+from ddpm_jax import (config_lib, digits_quality, file_checks, images, inference,
+                      input_pipeline, run_log, sharding, timeseries, train_state)
 from ddpm_jax.checkpointing import Checkpointer
-from ddpm_jax.errors import Interrupted, TrainingError
+from ddpm_jax.errors import InputError, Interrupted, TrainingError
 from ddpm_jax.models import create_model
 
 
@@ -31,7 +31,7 @@ def prepare_workdir(workdir: pathlib.Path, config) -> None:
       any(p.name.isdigit() for p in (workdir / 'checkpoints').iterdir()):
     diffs = config_lib.checkpoint_differences(config_lib.from_json(path.read_text()), config)
     if diffs:
-      raise ValueError(f'{workdir} holds checkpoints of another config ({"; ".join(diffs)}); '
+      raise InputError(f'{workdir} holds checkpoints of another config ({"; ".join(diffs)}); '
                        f'use a new --workdir or the original settings')
   sharding.barrier('config_checked')  # nobody reads config.json while process 0 writes it
   if sharding.is_main_process():
@@ -124,7 +124,7 @@ def check_data_order(saved: dict, config, step: int) -> None:
   for field in ('batch_size', 'seed'):
     was, now = saved.get(field), config.training[field]
     if was is not None and was != now:
-      raise ValueError(f'checkpoint {step} was written with training.{field}={was} and its data '
+      raise InputError(f'checkpoint {step} was written with training.{field}={was} and its data '
                        f'position counts batches of that run; resume with '
                        f'--config.training.{field}={was} (any device or process count that '
                        f'divides the batch works) or use a new --workdir')
@@ -142,8 +142,8 @@ def train_and_evaluate(config, workdir) -> train_state.TrainState:
   it writes to ``<workdir>/config.json``.
   """
   if not workdir:
-    raise ValueError('--workdir is required: the folder for checkpoints, samples and metrics')
-  workdir = pathlib.Path(workdir).expanduser()
+    raise InputError('--workdir is required: the folder for checkpoints, samples and metrics')
+  workdir = file_checks.check_writable_folder(workdir, '--workdir')
   sharding.initialize_distributed()
   mesh = sharding.make_mesh()
   sharding.check_global_batch(config.training.batch_size, mesh)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ddpm_jax import config_lib
 from ddpm_jax.config_lib import MODEL_FIELD_DEFAULTS
+from ddpm_jax.errors import InputError
 from ddpm_jax.models.unet import UNet
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -20,16 +22,17 @@ def compute_dtype(name: str, backend: str | None = None):
     backend = backend or jax.default_backend()
     return jnp.bfloat16 if backend in ACCELERATOR_BACKENDS else jnp.float32
   if name not in DTYPES:
-    raise ValueError(f'unknown model.dtype {name!r}; choose auto or one of {", ".join(DTYPES)}')
+    raise InputError(f'unknown model.dtype {name!r}; choose auto or one of {", ".join(DTYPES)}')
   return DTYPES[name]
 
 
 def create_model(config) -> UNet:
   """Builds the UNet from a full config (the ConfigDict that ``configs/*.py`` return)."""
+  config_lib.check_limits(config)
   model = config.model
   dtype = compute_dtype(model.dtype)
   if model.spatial_dims not in (1, 2):
-    raise ValueError(f'model.spatial_dims must be 1 (windows) or 2 (images), got {model.spatial_dims}')
+    raise InputError(f'model.spatial_dims must be 1 (windows) or 2 (images), got {model.spatial_dims}')
   continuous = config.diffusion.schedule.startswith('vp_')
   return UNet(
       ch=model.ch,

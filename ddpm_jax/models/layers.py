@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddpm_jax.errors import InputError
+
 Dtype = Any
 
 # DDPM initialises the last layer of each residual branch (and of the network) at zero, so every
@@ -226,7 +228,7 @@ class AttnBlock(nn.Module):
     batch, channels = x.shape[0], x.shape[-1]
     num_heads = channels // self.head_dim if self.head_dim else self.num_heads
     if channels % num_heads or (self.head_dim and channels % self.head_dim):
-      raise ValueError(f'attention with {channels} channels cannot be split into heads of '
+      raise InputError(f'attention with {channels} channels cannot be split into heads of '
                        f'{self.head_dim or "?"} channels ({self.num_heads} heads); choose a '
                        f'head count or width dividing {channels}')
     head_dim = channels // num_heads

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from ddpm_jax.diffusion import concrete_or_none
 from ddpm_jax.models.layers import (AttnBlock, Downsample, ResBlock, Upsample, conv, group_norm,
                                     timestep_embedding, zeros_init)
+from ddpm_jax.errors import InputError
 
 
 class UNet(nn.Module):
@@ -51,27 +52,27 @@ class UNet(nn.Module):
     """Raises ValueError when an input of x_shape [B, *spatial, C] (or labels) cannot be taken."""
     if len(x_shape) != self.spatial_dims + 2:
       layout = '[B, H, W, C]' if self.spatial_dims == 2 else '[B, L, C]'
-      raise ValueError(f'the UNet with spatial_dims={self.spatial_dims} takes {layout} inputs, '
+      raise InputError(f'the UNet with spatial_dims={self.spatial_dims} takes {layout} inputs, '
                        f'got shape {tuple(x_shape)}')
     factor = 2 ** (len(self.ch_mult) - 1)
     spatial = tuple(x_shape[1:-1])
     if any(size % factor for size in spatial):
       fits = ', '.join(str(factor * max(1, round(s / factor))) for s in spatial)
-      raise ValueError(f'input spatial size {spatial} is not divisible by {factor} (2 ** '
+      raise InputError(f'input spatial size {spatial} is not divisible by {factor} (2 ** '
                        f'(len(ch_mult) - 1) with ch_mult={tuple(self.ch_mult)}); resize to a '
                        f'multiple of {factor} (e.g. {fits}) or use fewer levels')
     for mult in self.ch_mult:
       if (self.ch * mult) % self.num_groups:
-        raise ValueError(f'GroupNorm({self.num_groups}) cannot split {self.ch * mult} channels '
+        raise InputError(f'GroupNorm({self.num_groups}) cannot split {self.ch * mult} channels '
                          f'(ch={self.ch} x {mult}); make ch * ch_mult divisible by num_groups')
     if labels is not None and self.num_classes <= 0:
-      raise ValueError('labels were given to an unconditional model (model.num_classes = 0); '
+      raise InputError('labels were given to an unconditional model (model.num_classes = 0); '
                        'drop the labels or train with model.num_classes set')
     if labels is not None:
       values = concrete_or_none(labels)
       if values is not None and values.size and (values.min() < 0 or
                                                  values.max() > self.num_classes):
-        raise ValueError(f'labels must lie in [0, {self.num_classes - 1}] (or {self.num_classes} '
+        raise InputError(f'labels must lie in [0, {self.num_classes - 1}] (or {self.num_classes} '
                          f'for the null label); got range [{values.min()}, {values.max()}]')
 
   @nn.compact
