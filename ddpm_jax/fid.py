@@ -51,6 +51,10 @@ def main(argv):
       raise InputError(f'--batch_size takes 1..{MAX_BATCH} and --max_images 0 or more; got '
                        f'{f.batch_size} and {f.max_images}')
 
+    if not all(side.endswith('.npz') for side in argv[1:]):
+      # A side of images needs the network: its weights are checked before any image is read.
+      inception.find_weights(f.inception_weights, f.allow_unknown_weights, lambda text: None)
+
     @functools.lru_cache(maxsize=None)
     def features_fn():
       return inception.feature_extractor(

@@ -88,9 +88,10 @@ def compare(a: FeatureSet, b: FeatureSet) -> dict:
   if a.mu.shape != b.mu.shape:
     raise InputError(f'{a.name} has {len(a.mu)}-d statistics and {b.name} {len(b.mu)}-d; '
                      'compare statistics of the same network layer')
-  result = {'fid': frechet_distance(a.mu, a.sigma, b.mu, b.sigma)}
-  if a.features is not None and b.features is not None:
-    result['kid'], result['kid_std'] = kernel_inception_distance(a.features, b.features)
+  with np.errstate(over='ignore', invalid='ignore'):  # a non-finite result is refused below
+    result = {'fid': frechet_distance(a.mu, a.sigma, b.mu, b.sigma)}
+    if a.features is not None and b.features is not None:
+      result['kid'], result['kid_std'] = kernel_inception_distance(a.features, b.features)
   for name, value in result.items():
     if not np.isfinite(value):
       raise InputError(f'{name.upper()} of {a.name} and {b.name} is {value}: the features or '

@@ -220,6 +220,18 @@ def resolve_checkpoint(path) -> tuple[pathlib.Path, Optional[int]]:
   return path, None
 
 
+def check_finite_params(params, source: str) -> None:
+  """One line naming the first parameter with a NaN or infinity (a downloaded run, say), which
+  would otherwise sample black images without a word."""
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  finite = sharding.to_host(jax.jit(lambda tree: jnp.stack(
+      [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))(params))
+  if not finite.all():
+    name = jax.tree_util.keystr(leaves[int(np.argmin(finite))][0])
+    raise InputError(f'{source}: parameter {name} holds NaN or infinite values; the run is '
+                     'not usable (train it again, or use an earlier checkpoint)')
+
+
 def load_sampler(path, step: Optional[int] = None):
   """Loads the EMA parameters of a training run and a jitted sample_fn for them.
 
@@ -262,6 +274,7 @@ def load_sampler(path, step: Optional[int] = None):
                               f'restores: all are damaged')
   finally:
     checkpointer.close()
+  check_finite_params(restored.state.ema_params, f'checkpoint {restored.step} in {workdir}')
   data_stats = restored.extras.get('data_stats')
   sample_fn = make_sample_fn(model, config, data_stats)
   sample_fn.config, sample_fn.model, sample_fn.step = config, model, restored.step

@@ -29,7 +29,7 @@ def prepare_workdir(workdir: pathlib.Path, config) -> None:
   path = workdir / 'config.json'
   if path.exists() and (workdir / 'checkpoints').is_dir() and \
       any(p.name.isdigit() for p in (workdir / 'checkpoints').iterdir()):
-    diffs = config_lib.checkpoint_differences(config_lib.from_json(path.read_text()), config)
+    diffs = config_lib.checkpoint_differences(config_lib.read_workdir_config(workdir), config)
     if diffs:
       raise InputError(f'{workdir} holds checkpoints of another config ({"; ".join(diffs)}); '
                        f'use a new --workdir or the original settings')

@@ -615,3 +615,22 @@ def test_every_public_name_resolves_from_an_installed_wheel(tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   import ddpm_jax
   assert result.stdout.split() == [str(len(ddpm_jax.__all__))]
+
+
+def test_a_run_with_nan_parameters_or_a_broken_config_is_one_line(two_checkpoint_run, tmp_path):
+  from ddpm_jax import inference
+  _, source = two_checkpoint_run
+  run = tmp_path / 'run'
+  shutil.copytree(source, run)
+  (run / 'config.json').write_text('{"data": ')
+  with pytest.raises(InputError, match='config.json is not valid JSON'):
+    inference.load_sampler(run)
+  shutil.copy(source / 'config.json', run / 'config.json')
+  sample_fn, params = inference.load_sampler(run)
+  poisoned = jax.tree.map(lambda x: x, params)
+  leaf_path = jax.tree_util.tree_leaves_with_path(poisoned)[3][0]
+  poisoned = jax.tree_util.tree_map_with_path(
+      lambda path, x: x.at[(0,) * x.ndim].set(jnp.nan) if path == leaf_path else x, poisoned)
+  with pytest.raises(InputError, match=r'parameter \[.*holds NaN or infinite values'):
+    inference.check_finite_params(poisoned, 'the run')
+  inference.check_finite_params(params, 'the run')  # the real ones pass
