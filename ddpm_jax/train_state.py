@@ -87,6 +87,21 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def flip_images(key, x0):
+  """Each image of x0 [B, H, W, C] mirrored left to right with probability 1/2."""
+  if x0.ndim != 4:
+    raise InputError(f'random_flip mirrors images [B, H, W, C]; got shape {list(x0.shape)}')
+  flip = jax.random.bernoulli(key, 0.5, (x0.shape[0], 1, 1, 1))
+  return jnp.where(flip, jnp.flip(x0, axis=2), x0)
+
+
+def drop_labels(key, labels, rate: float, num_classes: int):
+  """labels [B] with each replaced by the null label ``num_classes`` with probability ``rate``
+  (classifier-free guidance's unconditional examples)."""
+  drop = jax.random.bernoulli(key, rate, labels.shape)
+  return jnp.where(drop, num_classes, labels)
+
+
 def train_step(state: TrainState, batch: dict, *, model, tx, schedule, target: str,
                weighting: str, min_snr_gamma: float, ema_decay: float, random_flip: bool,
                label_dropout: float, mask_mix=None):
@@ -105,14 +120,9 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, target: s
   flip_key, label_key, loss_key = jax.random.split(step_key, 3)
   # A separate stream, so runs without masks keep the keys they always had.
   mask_key = jax.random.fold_in(step_key, 1)
-  x0 = batch['x']
-  if random_flip:
-    flip = jax.random.bernoulli(flip_key, 0.5, (x0.shape[0],) + (1,) * (x0.ndim - 1))
-    x0 = jnp.where(flip, jnp.flip(x0, axis=2), x0)  # [B, H, W, C]: flip W
-  labels = None
-  if model.num_classes:
-    drop = jax.random.bernoulli(label_key, label_dropout, batch['label'].shape)
-    labels = jnp.where(drop, model.num_classes, batch['label'])  # the null label
+  x0 = flip_images(flip_key, batch['x']) if random_flip else batch['x']
+  labels = drop_labels(label_key, batch['label'], label_dropout, model.num_classes) \
+      if model.num_classes else None
 
   loss_mask, network_input = None, lambda x_t: x_t
   if mask_mix is not None:

@@ -3,6 +3,8 @@ import pathlib
 
 import pytest
 
+from tests.helpers import skip_unless_ci
+
 # Tests run on the CPU with float32, like CI.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
@@ -12,9 +14,10 @@ SHARED_DATA = REPO_ROOT.parent / 'shared' / 'data'
 
 @pytest.fixture
 def shared_data():
-  """../shared/data beside the project root; tests that need it skip when it is absent."""
+  """../shared/data beside the project root; tests that need it skip when it is absent (and
+  fail under CI, which has it)."""
   if not SHARED_DATA.is_dir():
-    pytest.skip(f'{SHARED_DATA} is absent')
+    skip_unless_ci(f'{SHARED_DATA} is absent')
   return SHARED_DATA
 
 # Many tests compile the same tiny networks, in this process and in the subprocesses they start:

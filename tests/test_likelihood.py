@@ -98,3 +98,30 @@ def test_bound_with_the_exact_denoiser_is_above_the_true_nll_and_close_to_it():
   # Monte Carlo noise of the mean over 2000 examples is ~0.002 bits.
   assert -0.005 < gaps['large'] < 0.2, gaps
   assert gaps['large'] + 0.3 < gaps['small'] < 1.0, gaps
+
+
+def test_bpd_command_writes_the_bound_it_prints(tmp_path):
+  """python -m ddpm_jax.bpd on a tiny digits run: bpd.json holds, for both variances, a bound
+  that is the sum of its terms (prior + decoder + KL) and equals the library call's."""
+  import json
+  import subprocess
+  import sys
+  from ddpm_jax import evaluation, trainer
+  from tests.helpers import REPO_ROOT, tiny_config
+  run = tmp_path / 'run'
+  trainer.train_and_evaluate(tiny_config(name='digits'), run)
+  result = subprocess.run([sys.executable, '-m', 'ddpm_jax.bpd', f'--ckpt={run}',
+                           '--num_images=6', '--batch_size=4'], capture_output=True, text=True,
+                          cwd=REPO_ROOT, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  saved = json.loads((run / 'eval' / 'bpd.json').read_text())
+  assert f'wrote {run / "eval" / "bpd.json"}' in result.stdout
+  assert saved['checkpoint'] == 4 and saved['num_timesteps'] == 100
+  for variance in ('small', 'large'):
+    terms = saved[variance]
+    assert terms['bpd'] == pytest.approx(terms['prior'] + terms['decoder'] + terms['kl'],
+                                         rel=1e-5)
+    assert f'{terms["bpd"]:.4f}' in result.stdout
+  direct = evaluation.bits_per_dim(str(run), num_images=6, batch_size=4)
+  for variance in ('small', 'large'):
+    assert direct[variance]['bpd'] == pytest.approx(saved[variance]['bpd'], rel=1e-4)

@@ -75,3 +75,61 @@ def test_importance_sampling_follows_history_and_is_unbiased():
   np.testing.assert_allclose(freq, probs, atol=0.01)
   # E_p[w L] equals the uniform mean of L.
   np.testing.assert_allclose(np.mean(weights * per_t_loss[drawn]), per_t_loss.mean(), rtol=0.02)
+
+
+def _exact_target(x0, x_t, alpha, sigma, target):
+  """The regression target from the closed form x_t = alpha x0 + sigma eps, written out here
+  (not with the code's join_prediction)."""
+  eps = (x_t - alpha * x0) / sigma
+  return {'eps': eps, 'x0': x0, 'v': alpha * eps - sigma * x0}[target]
+
+
+def _expected_weight(snr, target, weighting, gamma=5.0):
+  """Each weighting's weight on the target's squared error: x0-space weights 1 / SNR / min(SNR,
+  gamma) carried over by |eps err|^2 = SNR |x0 err|^2, |v err|^2 = (1 + SNR) |x0 err|^2."""
+  if weighting == 'simple':
+    return np.ones_like(snr)
+  x0_weight = snr if weighting == 'snr' else np.minimum(snr, gamma)
+  return x0_weight / {'eps': snr, 'x0': np.ones_like(snr), 'v': 1.0 + snr}[target]
+
+
+@pytest.mark.parametrize('sched', [schedules.cosine(), schedules.vp_cosine()])
+@pytest.mark.parametrize('target', losses.TARGETS)
+@pytest.mark.parametrize('weighting', losses.WEIGHTINGS)
+def test_each_examples_loss_is_its_weight_times_the_squared_error(sched, target, weighting):
+  """A predictor off by a known delta on every entry: each example's loss is the weighting at its
+  log-SNR times delta^2 (a dropped or wrong weighting fails at some t)."""
+  x0 = jax.random.uniform(jax.random.key(0), (64, 4, 4, 1), minval=-1, maxval=1)
+  delta = 0.3
+
+  def apply_fn(params, x_t, t, key):
+    alpha, sigma = (diffusion.per_example(c, x_t) for c in diffusion.alpha_sigma(sched, t))
+    return _exact_target(x0, x_t, alpha, sigma, target) + delta
+
+  _, aux = losses.diffusion_loss(apply_fn, None, x0, jax.random.key(1), sched, target=target,
+                                 weighting=weighting)
+  alpha, sigma = (np.asarray(c, np.float64) for c in diffusion.alpha_sigma(sched, aux['t']))
+  want = _expected_weight(alpha ** 2 / sigma ** 2, target, weighting) * delta ** 2
+  np.testing.assert_allclose(np.asarray(aux['per_example']), want, rtol=2e-3)
+  informative = weighting != 'simple' and not (weighting == 'snr' and target == 'eps')
+  assert not informative or np.ptp(want) > 0  # the weights differ across the drawn t
+
+
+def test_loss_mask_scores_hidden_entries_only():
+  """The series recipe: entries with mask 1 (hidden) are scored, observed ones are not."""
+  sched = schedules.linear()
+  x0 = jax.random.normal(jax.random.key(0), (8, 16, 2))
+  mask = jnp.zeros_like(x0).at[:, 10:].set(1.0)  # the last 6 steps hidden
+
+  def off_where(where, delta=0.5):
+    def apply_fn(params, x_t, t, key):
+      alpha, sigma = (diffusion.per_example(c, x_t) for c in diffusion.alpha_sigma(sched, t))
+      return _exact_target(x0, x_t, alpha, sigma, 'eps') + delta * where
+    return apply_fn
+
+  _, observed_off = losses.diffusion_loss(off_where(1 - mask), None, x0, jax.random.key(1), sched,
+                                          loss_mask=mask)
+  _, hidden_off = losses.diffusion_loss(off_where(mask), None, x0, jax.random.key(1), sched,
+                                        loss_mask=mask)
+  np.testing.assert_allclose(np.asarray(observed_off['per_example']), 0.0, atol=1e-8)
+  np.testing.assert_allclose(np.asarray(hidden_off['per_example']), 0.25, rtol=1e-4)

@@ -16,7 +16,7 @@ from scipy import stats
 from configs import default
 from ddpm_jax import (generate, inference, input_pipeline, masking, metrics, sampling,
                       schedules, series_tasks, trainer)
-from tests.helpers import error_lines, run_script, tiny_config
+from tests.helpers import error_lines, run_script, skip_unless_ci, tiny_config
 
 LENGTH, PHI = 12, 0.8
 COVARIANCE = PHI ** np.abs(np.subtract.outer(np.arange(LENGTH), np.arange(LENGTH)))  # var 1
@@ -253,7 +253,7 @@ def masked_run(tmp_path_factory, shared_data_module):
 def shared_data_module():
   from tests.conftest import SHARED_DATA
   if not SHARED_DATA.is_dir():
-    pytest.skip(f'{SHARED_DATA} is absent')
+    skip_unless_ci(f'{SHARED_DATA} is absent')
   return SHARED_DATA
 
 
@@ -331,3 +331,29 @@ def test_bad_series_input_is_one_clear_error(masked_run, tmp_path, shared_data_m
     generate.generate(str(masked_run), str(out), task=task, num_samples=2, method='ddim',
                       num_steps=2, **args)
   assert not out.exists()
+
+
+@pytest.mark.parametrize('hide', ['--missing=0.3', '--block=4'])
+def test_impute_eval_command_hides_points_or_blocks(masked_run, tmp_path, hide):
+  out = tmp_path / 'impute'
+  run = run_script('sample.py', f'--ckpt={masked_run}', '--task=impute', '--eval', hide,
+                   '--num_windows=3', '--num_samples=5', '--method=ddim', '--num_steps=3',
+                   f'--out={out}')
+  assert run.returncode == 0, run.stderr[-3000:]
+  result = json.loads((out / 'metrics.json').read_text())
+  name, value = hide[2:].split('=')
+  assert result['task'] == 'impute' and result[name] == float(value)
+  assert set(result['scores']) == {'model', 'linear_interpolation', 'seasonal_profile'}
+  with np.load(out / 'imputation.npz') as arrays:
+    hidden = arrays['mask'] == 0  # [3, 16, 7]
+    samples, target = arrays['samples'], arrays['target']
+  assert samples.shape == (3, 5, 16, 7)
+  # Observed entries come back as given (to the normalisation's float32 rounding).
+  np.testing.assert_allclose(samples.transpose(1, 0, 2, 3)[:, ~hidden],
+                             np.broadcast_to(target[~hidden], (5, (~hidden).sum())),
+                             rtol=1e-5, atol=1e-5)
+  if name == 'block':  # 4 whole steps hidden in every window, the same in every channel
+    assert (hidden.all(axis=2).sum(axis=1) == 4).all()
+    assert (hidden.any(axis=2) == hidden.all(axis=2)).all()
+  else:
+    assert abs(hidden.mean() - 0.3) < 0.1

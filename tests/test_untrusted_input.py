@@ -634,3 +634,4 @@ def test_a_run_with_nan_parameters_or_a_broken_config_is_one_line(two_checkpoint
   with pytest.raises(InputError, match=r'parameter \[.*holds NaN or infinite values'):
     inference.check_finite_params(poisoned, 'the run')
   inference.check_finite_params(params, 'the run')  # the real ones pass
+

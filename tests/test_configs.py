@@ -1,0 +1,39 @@
+"""Every config in configs/ loads, resolves against data of its kind, and builds its model and
+abstract train state (configs/mnist.py, digits_cond.py and power.py were never loaded before)."""
+
+import importlib
+
+import jax
+import pytest
+
+from ddpm_jax import config_lib, train_state
+from ddpm_jax.models import create_model
+from tests.helpers import REPO_ROOT
+
+CONFIGS = sorted(p.stem for p in (REPO_ROOT / 'configs').glob('*.py') if p.stem != '__init__')
+# One example of the data each config names (the series configs' CSV has 7 columns).
+SHAPES = {'digits': ((8, 8, 1), 10), 'cifar10': ((32, 32, 3), 10), 'mnist': ((28, 28, 1), 10)}
+
+
+def test_the_list_is_every_config():
+  assert CONFIGS == ['cifar10', 'default', 'digits', 'digits_cond', 'mnist', 'power',
+                     'power_small']
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_config_resolves_and_builds_its_model_and_state(name):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  if config_lib.is_series(config):
+    shape, classes = (config.data.window, 7), 0
+  else:
+    shape, classes = SHAPES[config.data.name]
+  resolved = config_lib.resolve(config, shape, classes)
+  model = create_model(resolved)
+  example = config_lib.data_shape(resolved)
+  model.check_input((1,) + tuple(example))
+  state = train_state.abstract_state(resolved, model)
+  count = sum(x.size for x in jax.tree.leaves(state.params))
+  assert count > 0 and int(state.step.size) == 1
+  assert (state.loss_history is None) == (resolved.diffusion.timestep_sampling == 'uniform')
+  assert model.num_classes == resolved.model.num_classes
+  assert resolved.data.channels == shape[-1]  # filled in from the data where left at 0
