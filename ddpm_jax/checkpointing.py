@@ -18,7 +18,6 @@ A checkpoint that fails to restore is one of two things, told apart before anyth
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging as python_logging
 import os
@@ -29,7 +28,7 @@ from typing import NamedTuple, Optional
 import jax
 import orbax.checkpoint as ocp
 
-from ddpm_jax import sharding
+from ddpm_jax import file_checks, sharding
 from ddpm_jax.errors import CheckpointError
 
 
@@ -49,21 +48,13 @@ class DamagedCheckpoint(Exception):
 DIGESTS = 'ddpm_jax_digests.json'
 
 
-def _sha256(path: pathlib.Path) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as file:
-    for block in iter(lambda: file.read(1 << 20), b''):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def _step_files(folder: pathlib.Path) -> list[pathlib.Path]:
   return sorted(p for p in folder.rglob('*') if p.is_file() and p.name != DIGESTS)
 
 
 def write_digests(folder: pathlib.Path) -> None:
   """Records the sha256 of every file of a complete step folder (atomically)."""
-  digests = {str(p.relative_to(folder)): _sha256(p) for p in _step_files(folder)}
+  digests = {str(p.relative_to(folder)): file_checks.sha256_of_file(p) for p in _step_files(folder)}
   partial = folder / f'{DIGESTS}.partial'
   partial.write_text(json.dumps(digests, indent=0, sort_keys=True))
   os.replace(partial, folder / DIGESTS)
@@ -86,7 +77,7 @@ def verify_digests(folder: pathlib.Path) -> bool:
     file = folder / name
     if not file.is_file():
       raise DamagedCheckpoint(f'{name} is missing')
-    if _sha256(file) != expected:
+    if file_checks.sha256_of_file(file) != expected:
       raise DamagedCheckpoint(f'{name} differs from the file that was written (sha256)')
   return True
 

@@ -14,6 +14,7 @@ naming the file, what is wrong and the limit, before the work the file would cos
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 import stat
@@ -46,6 +47,15 @@ def check_regular_file(path: pathlib.Path, what: str = 'file') -> pathlib.Path:
     raise InputError(f'{what} {path} is not a regular file (a pipe, socket or device); copy '
                      'the data into a file')
   return path
+
+
+def sha256_of_file(path: pathlib.Path) -> str:
+  """The file's sha256, read in 1 MiB blocks."""
+  digest = hashlib.sha256()
+  with open(path, 'rb') as file:
+    for block in iter(lambda: file.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
 
 
 def check_finite(values, what: str) -> None:

