@@ -11,8 +11,11 @@ from absl import app, flags
 flags.DEFINE_string('ckpt', None, 'A training workdir, its checkpoints/ or one checkpoints/<step>.')
 flags.DEFINE_string('out', '', 'Output folder (default: <workdir>/generated/<method>).')
 flags.DEFINE_integer('num_samples', 64, 'How many samples.')
-flags.DEFINE_string('method', '', 'ddpm | ddim | dpm_solver++ | dpm_solver++3m | euler_maruyama '
-                    '| ode (default: the config\'s sampling.method).')
+flags.DEFINE_string('method', '', 'ddpm | ddim | dpm_solver++ | dpm_solver++3m | heun | '
+                    'euler_maruyama | ode (default: the config\'s sampling.method).')
+flags.DEFINE_string('spacing', '', 'Step spacing: uniform | quadratic | logsnr | karras, as the '
+                    'method takes them (default: the config\'s, else the method\'s own).')
+flags.DEFINE_float('rho', 0.0, 'karras spacing: rho (default: the config\'s sampling.rho, 7).')
 flags.DEFINE_integer('num_steps', 0, 'Reverse steps (default: the config\'s; ddpm takes all T).')
 flags.DEFINE_float('eta', -1.0, 'DDIM eta in [0, 1] (default: the config\'s).')
 flags.DEFINE_integer('seed', 0, 'Random seed; the same seed reproduces the same samples.')
@@ -64,7 +67,8 @@ def main(argv):
                       task=f.task, horizon=f.horizon, series=f.series,
                       num_windows=f.num_windows, missing=f.missing, block=f.block,
                       season=f.season, overwrite=f.overwrite,
-                      allow_unknown_weights=f.allow_unknown_weights)
+                      allow_unknown_weights=f.allow_unknown_weights, spacing=f.spacing,
+                      rho=f.rho)
   cli.run('sample.py', run)
 
 

@@ -1,6 +1,6 @@
 """Accuracy per network call: every sampler driven by the exact denoiser of a two-Gaussian mixture.
 
-  python benchmarks/sampler_accuracy.py            # about 2 minutes on 2 CPU cores
+  python benchmarks/sampler_accuracy.py            # about 4 minutes on 2 CPU cores
 
 Data x0 ~ 0.3 N(-0.6, 0.15²) + 0.7 N(0.5, 0.2²) (the tests' mixture), whose optimal noise
 prediction is known in closed form (tests/analytic.py), so every error in the table is the
@@ -46,16 +46,25 @@ def errors(samples: np.ndarray) -> dict:
   }
 
 
-def run(schedule, method: str, calls: int, num_samples: int, seed: int):
-  """Samples with ``calls`` network calls, or None where the method cannot take that many."""
+# Every method on its own default spacing, then the Karras-spaced routes.
+ROUTES = [(method, sampling.METHOD_SPACINGS[method][0]) for method in sampling.METHODS] + [
+    ('ddim', 'karras'), ('dpm_solver++', 'karras'), ('dpm_solver++3m', 'karras'),
+    ('heun', 'logsnr')]
+
+
+def run(schedule, method: str, spacing: str, calls: int, num_samples: int, seed: int):
+  """Samples with at most ``calls`` network calls, or None where the method cannot take that
+  many (heun makes 2 N - 1: one fewer than an even budget)."""
   if method == 'ddpm':
     if calls != schedule.num_timesteps:
       return None
     num_steps = None
-  elif method == 'ode':  # Heun: two calls a step
+  elif method == 'ode':  # Heun in (x, t): two calls a step
     if calls % 2:
       return None
     num_steps = calls // 2
+  elif method == 'heun':
+    num_steps = (calls + 1) // 2
   else:
     num_steps = calls
   try:
@@ -64,7 +73,8 @@ def run(schedule, method: str, calls: int, num_samples: int, seed: int):
     return None
   model_fn = gaussian_mixture_eps(schedule, WEIGHTS, MEANS, STDS)
   fn = jax.jit(lambda key: sampling.sample(model_fn, schedule, key, (num_samples, 1),
-                                           method=method, num_steps=num_steps, clip_x0=False))
+                                           method=method, num_steps=num_steps, spacing=spacing,
+                                           clip_x0=False))
   return np.asarray(fn(jax.random.key(seed)))[:, 0]
 
 
@@ -77,34 +87,37 @@ def main():
   args = parser.parse_args()
   table = {}
   for schedule_name, (discrete, continuous) in SCHEDULES.items():
-    for method in sampling.METHODS:
+    for route in ROUTES:
+      method, spacing = route
       schedule = continuous if method in sampling.CONTINUOUS_ONLY else discrete
       for calls in CALLS:
-        samples = run(schedule, method, calls, args.num_samples, args.seed)
+        samples = run(schedule, method, spacing, calls, args.num_samples, args.seed)
         if samples is not None:
-          table[(schedule_name, method, calls)] = errors(samples)
-          e = table[(schedule_name, method, calls)]
-          print(f'{schedule_name:7s} {method:15s} {calls:5d} calls: spread {e["spread"]:+.1%}, '
-                f'means {e["means"]:.3f}, weight {e["weight"]:+.3f}', flush=True)
+          table[(schedule_name, route, calls)] = e = errors(samples)
+          print(f'{schedule_name:7s} {method:15s} {spacing:9s} {calls:5d} calls: spread '
+                f'{e["spread"]:+.1%}, means {e["means"]:.3f}, weight {e["weight"]:+.3f}',
+                flush=True)
   lines = [f'Exact denoiser of 0.3 N(-0.6, 0.15²) + 0.7 N(0.5, 0.2²); {args.num_samples:,} '
            f'samples per cell (seed {args.seed}). Cells: spread error (std / true std - 1) / '
            f'largest error of a component mean / weight error of the larger component; '
            f'- where the method cannot make that many calls (ddpm takes T = 1000, ode 2 a '
-           f'step, the dpm_solver++ methods at most T - 1 discrete steps).',
+           f'step, heun 2 N - 1 (one fewer than an even budget), the dpm_solver++ methods at '
+           f'most T - 1 discrete steps). Karras spacing: rho = {sampling.DEFAULT_RHO:g}, the '
+           f'noise levels of the schedule\'s first and last times.',
            '']
   for schedule_name in SCHEDULES:
     discrete = [m for m in sampling.METHODS if m not in sampling.CONTINUOUS_ONLY]
     lines += [f'**{schedule_name} schedule** ({", ".join(discrete)}: discrete T = 1000; '
               f'{", ".join(sampling.CONTINUOUS_ONLY)}: the VP-SDE {schedule_name} schedule)', '',
-              '| method | ' + ' | '.join(f'{c} calls' for c in CALLS) + ' |',
-              '|---|' + '---|' * len(CALLS)]
-    for method in sampling.METHODS:
+              '| method | spacing | ' + ' | '.join(f'{c} calls' for c in CALLS) + ' |',
+              '|---|---|' + '---|' * len(CALLS)]
+    for method, spacing in ROUTES:
       cells = []
       for calls in CALLS:
-        e = table.get((schedule_name, method, calls))
+        e = table.get((schedule_name, (method, spacing), calls))
         cells.append('-' if e is None else
                      f'{e["spread"]:+.1%} / {e["means"]:.3f} / {e["weight"]:+.3f}')
-      lines.append(f'| {method} | ' + ' | '.join(cells) + ' |')
+      lines.append(f'| {method} | {spacing} | ' + ' | '.join(cells) + ' |')
     lines.append('')
   text = '\n'.join(lines)
   print(text)

@@ -114,12 +114,21 @@ def get_config():
   ))
 
   config.sampling = ml_collections.ConfigDict(dict(
-      # ddpm | ddim | dpm_solver++ | dpm_solver++3m | euler_maruyama | ode. dpm_solver++ at 20
-      # steps: benchmarks/sampler_accuracy.py and the digits FID/FD in the README.
+      # ddpm | ddim | dpm_solver++ | dpm_solver++3m | heun | euler_maruyama | ode. dpm_solver++
+      # at 20 steps: benchmarks/sampler_accuracy.py and the digits FID/FD in the README.
       method='dpm_solver++',
       num_steps=20,
       eta=0.0,
-      spacing='uniform',  # ddim: uniform | quadratic
+      # For the methods that take it (ddim: uniform | quadratic | karras; dpm_solver++(3m):
+      # logsnr | karras; heun: karras | logsnr | uniform); '' or one a method does not take:
+      # the method's own default (the first named).
+      spacing='',
+      rho=7.0,  # karras spacing (Karras et al. 2022)
+      # heun only: EDM's stochastic churn (0: the deterministic sampler).
+      s_churn=0.0,
+      s_tmin=0.0,
+      s_tmax=1e30,
+      s_noise=1.0,
       variance='small',  # ddpm: small (beta-tilde) | large (beta)
       clip_x0=True,
       guidance_scale=1.0,

@@ -57,7 +57,7 @@ def trajectory_strip(x_t: np.ndarray, x0: np.ndarray, columns: int = 10) -> np.n
 
 def _series_task(sample_fn, params, config, task, out, *, num_samples, method, num_steps, eta,
                  seed, batch_size, evaluate, horizon, series, num_windows, missing, block,
-                 season) -> pathlib.Path:
+                 season, spacing, rho) -> pathlib.Path:
   """sample.py --task=forecast|impute: checked, then run by ddpm_jax.series_tasks."""
   if task == 'forecast':  # checked before anything is sampled or written
     masking.forecast_mask(config.data.window, config.data.channels, horizon)
@@ -68,7 +68,8 @@ def _series_task(sample_fn, params, config, task, out, *, num_samples, method, n
   common = dict(series_path=series, evaluate=evaluate, num_windows=num_windows,
                 num_samples=num_samples, season=season, seed=seed, batch_size=batch_size,
                 progress_factory=lambda total: StepProgress(-(-total // batch_size) * steps),
-                method=method, num_steps=num_steps, eta=None if eta < 0 else eta)
+                method=method, num_steps=num_steps, eta=None if eta < 0 else eta,
+                spacing=spacing, rho=rho)
   if task == 'forecast':
     result = series_tasks.forecast(sample_fn, params, out, horizon=horizon, **common)
   else:
@@ -86,7 +87,8 @@ def generate(ckpt: str, out: str, *, num_samples: int = 64, method: str = '',
              inception_weights: str = '', task: str = 'generate', horizon: int = 0,
              series: str = '', num_windows: int = 100, missing: float = 0.3, block: int = 0,
              season: int = 24, overwrite: bool = False,
-             allow_unknown_weights: bool = False) -> pathlib.Path:
+             allow_unknown_weights: bool = False, spacing: str = '',
+             rho: float = 0.0) -> pathlib.Path:
   """Draws samples from the checkpoint at ``ckpt`` and writes them to ``out``.
 
   Images: grid.png and samples.npz (uint8 [N, H, W, C] under arr_0); series: samples.npy,
@@ -105,6 +107,7 @@ def generate(ckpt: str, out: str, *, num_samples: int = 64, method: str = '',
       config, config_lib.schedule_from_config(config), method, num_steps or None)
   if task not in series_tasks.TASKS:
     raise InputError(f'unknown --task={task}; choose one of {", ".join(series_tasks.TASKS)}')
+  spacing, rho = inference.resolve_spacing(config, method, spacing, rho or None)
   if task != 'generate':
     if not config_lib.is_series(config):
       raise InputError(f'--task={task} needs a time-series run; {ckpt} models images')
@@ -112,13 +115,14 @@ def generate(ckpt: str, out: str, *, num_samples: int = 64, method: str = '',
     return _series_task(sample_fn, params, config, task, out, num_samples=num_samples,
                         method=method, num_steps=num_steps, eta=eta, seed=seed,
                         batch_size=batch_size, evaluate=evaluate, horizon=horizon, series=series,
-                        num_windows=num_windows, missing=missing, block=block, season=season)
+                        num_windows=num_windows, missing=missing, block=block, season=season,
+                        spacing=spacing, rho=rho)
   if evaluate and not config_lib.is_series(config):
     evaluation.check_before_sampling(config, fid_stats, inception_weights, allow_unknown_weights)
   label_array = parse_labels(labels, num_samples)
   inference.check_labels(sample_fn.model, label_array, num_samples)
   batch_size = min(batch_size or config.sampling.batch_size, num_samples)
-  kwargs = dict(method=method, num_steps=num_steps,
+  kwargs = dict(method=method, num_steps=num_steps, spacing=spacing, rho=rho,
                 eta=None if eta < 0 else eta,
                 guidance_scale=None if guidance_scale < 0 else guidance_scale)
   if label_array is not None:
@@ -166,7 +170,7 @@ def generate(ckpt: str, out: str, *, num_samples: int = 64, method: str = '',
                              **traj_kwargs)
     images.save_png(trajectory_strip(np.asarray(x_t), np.asarray(x0)), out / 'trajectory.png',
                     scale=max(1, 64 // x_t.shape[2]))
-  (out / 'timing.txt').write_text(f'{method} {steps} steps {num_samples} samples '
-                                  f'{elapsed:.2f} s\n')
+  (out / 'timing.txt').write_text(f'{method} {steps} steps ({spacing} spacing) {num_samples} '
+                                  f'samples {elapsed:.2f} s\n')
   print(f'wrote {out}')
   return out

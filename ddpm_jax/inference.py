@@ -61,6 +61,29 @@ def resolve_method(config, schedule, method: Optional[str], num_steps: Optional[
   return method, num_steps, sampling.check_method(method, schedule, num_steps)
 
 
+def resolve_spacing(config, method: str, spacing: Optional[str], rho: Optional[float]):
+  """(spacing, rho) a sampling call uses: an explicit ``spacing`` is checked against the method
+  (one line naming those it takes); otherwise ``sampling.spacing`` where the method takes it,
+  else the method's own default. ``rho`` defaults to ``sampling.rho``."""
+  rho = float(config.sampling.get('rho', sampling.DEFAULT_RHO) if rho is None else rho)
+  if spacing:
+    return sampling.check_spacing(method, spacing, rho), rho
+  configured = config.sampling.get('spacing', '')
+  if configured and configured not in sampling.SPACINGS:
+    raise InputError(f'sampling.spacing={configured!r} is unknown; choose one of '
+                     f'{", ".join(sampling.SPACINGS)} (or \'\' for each method\'s default)')
+  if configured in sampling.METHOD_SPACINGS[method]:
+    return sampling.check_spacing(method, configured, rho), rho
+  return sampling.METHOD_SPACINGS[method][0], rho
+
+
+def churn_from_config(config) -> sampling.Churn:
+  """heun's stochastic churn from sampling.s_churn, s_tmin, s_tmax, s_noise (off by default)."""
+  fields = {name: float(config.sampling[name]) for name in sampling.Churn._fields
+            if name in config.sampling}
+  return sampling.Churn(**fields)
+
+
 def guided_model_fn(model, params, labels, guidance_scale: float):
   """model_fn(x_t, t) with classifier-free guidance: out = null + w (cond - null)."""
   apply = lambda x, t, y: model_apply(model, params, x, t, y)
@@ -89,9 +112,10 @@ def progress_chunk(num_steps: int, pieces: int = 10) -> int:
 
 def make_sample_fn(model, config, data_stats: Optional[dict] = None):
   """Returns ``sample_fn(params, key, num_samples, *, method=None, num_steps=None,
-  eta=None, labels=None, guidance_scale=None, return_trajectory=False, progress=None)``.
+  eta=None, labels=None, guidance_scale=None, spacing=None, rho=None, return_trajectory=False,
+  progress=None)``.
 
-  Unset options take ``config.sampling``'s values. The result is float samples in data space
+  Unset options take ``config.sampling``'s values (a spacing: see ``resolve_spacing``). The result is float samples in data space
   [num_samples, *example_shape] (images in [0, 1], series in original units), computed by one
   jitted function (compiled once per static option set). With several devices the samples are
   split across them. Composes with a caller's jax.jit and jax.vmap.
@@ -109,17 +133,21 @@ def make_sample_fn(model, config, data_stats: Optional[dict] = None):
   schedule = config_lib.schedule_from_config(config)
   example_shape = config_lib.data_shape(config)
   defaults = config.sampling
-  static = ('num_samples', 'method', 'num_steps', 'eta', 'guidance_scale')
+  static = ('num_samples', 'method', 'num_steps', 'eta', 'guidance_scale', 'spacing', 'rho')
   observed_input = config_lib.observed_input(config)
 
-  def setup(params, key, num_samples, labels, method, num_steps, eta, guidance_scale, condition):
+  churn = churn_from_config(config)
+
+  def setup(params, key, num_samples, labels, method, num_steps, eta, guidance_scale, spacing,
+            rho, condition):
     """(model_fn, the key of the steps, x_T's shape, the sampling options)."""
     scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
     model_fn = guided_model_fn(model, params, labels, scale)
     options = dict(method=method, num_steps=num_steps, eta=defaults.eta if eta is None else eta,
                    prediction=config.diffusion.target,
                    clip_x0=defaults.clip_x0 and not config_lib.is_series(config),
-                   variance=defaults.variance, spacing=defaults.spacing)
+                   variance=defaults.variance, spacing=spacing, rho=rho,
+                   churn=churn if method == 'heun' else sampling.Churn())
     shape = (num_samples,) + tuple(example_shape)
     if condition is not None:
       # Either route puts the observed entries of x_t back, noised to the step's level. For a
@@ -150,9 +178,10 @@ def make_sample_fn(model, config, data_stats: Optional[dict] = None):
 
   @functools.partial(jax.jit, static_argnames=static + ('return_trajectory',))
   def jitted(params, key, num_samples, *, method, num_steps, eta, labels, guidance_scale,
-             condition, return_trajectory):
+             spacing, rho, condition, return_trajectory):
     model_fn, sample_key, shape, options = setup(params, key, num_samples, labels, method,
-                                                 num_steps, eta, guidance_scale, condition)
+                                                 num_steps, eta, guidance_scale, spacing, rho,
+                                                 condition)
     result = sampling.sample(model_fn, schedule, sample_key, shape,
                              x_T=initial_noise(key, shape), return_trajectory=return_trajectory,
                              **options)
@@ -164,37 +193,40 @@ def make_sample_fn(model, config, data_stats: Optional[dict] = None):
 
   @functools.partial(jax.jit, static_argnames=static)
   def start_piece(params, key, num_samples, *, method, num_steps, eta, labels, guidance_scale,
-                  condition):
+                  spacing, rho, condition):
     model_fn, sample_key, shape, options = setup(params, key, num_samples, labels, method,
-                                                 num_steps, eta, guidance_scale, condition)
+                                                 num_steps, eta, guidance_scale, spacing, rho,
+                                                 condition)
     return sampling.sample_start(model_fn, schedule, sample_key, shape,
                                  x_T=initial_noise(key, shape), **options)
 
   @functools.partial(jax.jit, static_argnames=static + ('length',))
   def steps_piece(params, key, carry, start, num_samples, *, length, method, num_steps, eta,
-                  labels, guidance_scale, condition):
+                  labels, guidance_scale, spacing, rho, condition):
     model_fn, sample_key, _, options = setup(params, key, num_samples, labels, method, num_steps,
-                                             eta, guidance_scale, condition)
+                                             eta, guidance_scale, spacing, rho, condition)
     return sampling.sample_steps(model_fn, schedule, sample_key, carry, start, length, **options)
 
   @functools.partial(jax.jit, static_argnames=static)
   def finish_piece(params, key, carry, num_samples, *, method, num_steps, eta, labels,
-                   guidance_scale, condition):
+                   guidance_scale, spacing, rho, condition):
     model_fn, sample_key, _, options = setup(params, key, num_samples, labels, method, num_steps,
-                                             eta, guidance_scale, condition)
+                                             eta, guidance_scale, spacing, rho, condition)
     return finish(sampling.sample_finish(model_fn, schedule, sample_key, carry, **options),
                   condition)
 
   def sample_fn(params, key, num_samples: int, *, method: Optional[str] = None,
                 num_steps: Optional[int] = None, eta: Optional[float] = None, labels=None,
-                guidance_scale: Optional[float] = None, return_trajectory: bool = False,
+                guidance_scale: Optional[float] = None, spacing: Optional[str] = None,
+                rho: Optional[float] = None, return_trajectory: bool = False,
                 progress=None, observed=None, mask=None):
     method, num_steps, total = resolve_method(config, schedule, method, num_steps)
+    spacing, rho = resolve_spacing(config, method, spacing, rho)
     # Checked here, where labels are still concrete, unless the caller's own jit traces them.
     check_labels(model, labels, num_samples)
     condition = check_condition(observed, mask, (num_samples,) + tuple(example_shape))
     options = dict(method=method, num_steps=num_steps, eta=eta, labels=labels,
-                   guidance_scale=guidance_scale, condition=condition)
+                   guidance_scale=guidance_scale, spacing=spacing, rho=rho, condition=condition)
     if progress is None or return_trajectory:
       return jitted(params, key, num_samples, return_trajectory=return_trajectory, **options)
     carry = start_piece(params, key, num_samples, **options)

@@ -10,8 +10,13 @@ Methods and their network calls (NFE):
   dpm_solver++    multistep second-order DPM-Solver++(2M) (Lu et al. 2022), steps uniform in
                   log-SNR; NFE = num_steps.
   dpm_solver++3m  the third-order multistep variant, DPM-Solver++(3M); NFE = num_steps.
+  heun            EDM's second-order sampler (Karras et al. 2022) on the probability-flow ODE,
+                  Karras-spaced noise levels, the last step Euler; NFE = 2 num_steps - 1.
   euler_maruyama  continuous; the reverse VP-SDE, last step without noise; NFE = num_steps.
-  ode             continuous; the probability-flow ODE with Heun's method; NFE = 2 num_steps.
+  ode             continuous; Heun's method on the probability-flow ODE in (x, t), steps
+                  uniform in t; NFE = 2 num_steps.
+
+Every method that takes a step list takes ``spacing`` (METHOD_SPACINGS; 'karras' with ``rho``).
 """
 
 from __future__ import annotations
@@ -26,11 +31,19 @@ from ddpm_jax import diffusion
 from ddpm_jax import schedules as schedules_lib
 from ddpm_jax.errors import InputError
 
-METHODS = ('ddpm', 'ddim', 'dpm_solver++', 'dpm_solver++3m', 'euler_maruyama', 'ode')
+METHODS = ('ddpm', 'ddim', 'dpm_solver++', 'dpm_solver++3m', 'heun', 'euler_maruyama', 'ode')
 MULTISTEP_ORDER = {'dpm_solver++': 2, 'dpm_solver++3m': 3}
 DISCRETE_ONLY = ('ddpm',)
 CONTINUOUS_ONLY = ('euler_maruyama', 'ode')
-SPACINGS = ('uniform', 'quadratic')
+# How each method may space its steps, its default first: uniform / quadratic in t, uniform in
+# log-SNR, or Karras et al.'s (2022) sigma_i = (smax^1/rho + i/(N-1) (smin^1/rho - smax^1/rho))^rho
+# in the noise level sigma = sigma_t / alpha_t.
+METHOD_SPACINGS = {'ddpm': ('uniform',), 'ddim': ('uniform', 'quadratic', 'karras'),
+                   'dpm_solver++': ('logsnr', 'karras'), 'dpm_solver++3m': ('logsnr', 'karras'),
+                   'heun': ('karras', 'logsnr', 'uniform'), 'euler_maruyama': ('uniform',),
+                   'ode': ('uniform',)}
+SPACINGS = ('uniform', 'quadratic', 'logsnr', 'karras')
+DEFAULT_RHO = 7.0
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -78,6 +91,20 @@ def check_method(method: str, schedule, num_steps: Optional[int]) -> int:
   return int(num_steps)
 
 
+def check_spacing(method: str, spacing: Optional[str], rho: float = DEFAULT_RHO) -> str:
+  """The spacing ``method`` will use: ``spacing``, or the method's default for None / ''; a
+  spacing the method does not take is one line naming those it does."""
+  accepted = METHOD_SPACINGS[method]
+  if not spacing:
+    return accepted[0]
+  if spacing not in accepted:
+    raise InputError(f'{method} does not take spacing={spacing!r}; it takes '
+                     f'{", ".join(accepted)}')
+  if spacing == 'karras' and not rho > 0:
+    raise InputError(f'the karras spacing needs rho > 0, got {rho}')
+  return spacing
+
+
 def _strictly_decreasing_ints(values, num_timesteps: int) -> np.ndarray:
   """Rounds descending times to distinct integers in [0, T) (a too-close pair is pushed apart)."""
   if len(values) > num_timesteps:  # would push a time below 0, which indexes from the end
@@ -94,15 +121,27 @@ def _strictly_decreasing_ints(values, num_timesteps: int) -> np.ndarray:
   return ints[::-1].copy()
 
 
-def timesteps(schedule, num_steps: int, spacing: str = 'uniform') -> np.ndarray:
-  """The num_steps model-call times for ddim / euler / ode, descending.
+def timesteps(schedule, num_points: int, spacing: str = 'uniform',
+              rho: float = DEFAULT_RHO) -> np.ndarray:
+  """``num_points`` times from the noisiest to the cleanest, descending, in ``spacing``.
 
-  Discrete: distinct integers from T-1 down to 0, uniform or quadratic (dense near t = 0).
-  Continuous: floats from t_max down to t_min.
+  Discrete: distinct integers from T-1 down to 0 (Karras and log-SNR spacings are mapped to the
+  nearest distinct timesteps, as diffusers' use_karras_sigmas does). Continuous: floats from
+  t_max down to t_min.
   """
   if spacing not in SPACINGS:
     raise InputError(f'unknown spacing {spacing!r}; choose one of {", ".join(SPACINGS)}')
-  unit = np.linspace(1.0, 0.0, num_steps) if num_steps > 1 else np.ones(1)
+  if spacing in ('logsnr', 'karras'):
+    lam_max, lam_min = _log_snr_range(schedule)
+    unit = np.linspace(0.0, 1.0, num_points) if num_points > 1 else np.zeros(1)
+    if spacing == 'logsnr':  # descending times: ascending log-SNR
+      lam = np.linspace(lam_min, lam_max, num_points) if num_points > 1 else np.full(1, lam_min)
+    else:  # sigma = exp(-lam / 2), spaced in sigma^(1 / rho)
+      s_max, s_min = np.exp(-lam_min / 2), np.exp(-lam_max / 2)
+      sigma = (s_max ** (1 / rho) + unit * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+      lam = -2.0 * np.log(sigma)
+    return _times_at_log_snr(schedule, lam)
+  unit = np.linspace(1.0, 0.0, num_points) if num_points > 1 else np.ones(1)
   if spacing == 'quadratic':
     unit = unit ** 2
   if schedules_lib.is_continuous(schedule):
@@ -112,19 +151,46 @@ def timesteps(schedule, num_steps: int, spacing: str = 'uniform') -> np.ndarray:
 
 def log_snr_timesteps(schedule, num_steps: int) -> np.ndarray:
   """num_steps + 1 times from the noisiest to the cleanest, uniform in log-SNR, descending."""
+  return timesteps(schedule, num_steps + 1, 'logsnr')
+
+
+def _log_snr_table(schedule):
+  """(times ascending, their log-SNR, decreasing) on a dense grid, float64."""
   if schedules_lib.is_continuous(schedule):
     dense = np.linspace(schedule.t_min, schedule.t_max, 20001)
     with jax.ensure_compile_time_eval():
-      lam = np.asarray(schedule.log_snr(jnp.asarray(dense)), np.float64)  # decreasing in t
-    targets = np.linspace(lam[-1], lam[0], num_steps + 1)
-    return np.interp(targets, lam[::-1], dense[::-1]).astype(np.float32)
+      lam = np.asarray(schedule.log_snr(jnp.asarray(dense)), np.float64)
+    return dense, lam
   with jax.ensure_compile_time_eval():
     abar = np.asarray(schedule.alphas_cumprod, np.float64)
-  lam = np.log(abar) - np.log1p(-abar)
-  targets = np.linspace(lam[-1], lam[0], num_steps + 1)
-  # lam decreases in t: interpolate t as a function of lam on the reversed table.
-  t_float = np.interp(targets, lam[::-1], np.arange(len(lam))[::-1].astype(np.float64))
+  return np.arange(len(abar), dtype=np.float64), np.log(abar) - np.log1p(-abar)
+
+
+def _log_snr_range(schedule) -> tuple[float, float]:
+  """(largest, smallest) log-SNR a sampler visits: at t = 0 (t_min) and T - 1 (t_max)."""
+  _, lam = _log_snr_table(schedule)
+  return float(lam[0]), float(lam[-1])
+
+
+def _times_at_log_snr(schedule, lam_targets: np.ndarray) -> np.ndarray:
+  """The times whose log-SNR are ``lam_targets`` (ascending log-SNR: descending times)."""
+  times, lam = _log_snr_table(schedule)
+  t_float = np.interp(lam_targets, lam[::-1], times[::-1])  # lam decreases in t
+  if schedules_lib.is_continuous(schedule):
+    return t_float.astype(np.float32)
   return _strictly_decreasing_ints(t_float, schedule.num_timesteps)
+
+
+def _time_at_or_above_noise(schedule, sigma: np.ndarray) -> np.ndarray:
+  """For each noise level sigma (= sigma_t / alpha_t), the time with that level; on a discrete
+  schedule the first timestep whose level is at least sigma (capped at T - 1)."""
+  times, lam = _log_snr_table(schedule)
+  lam_target = -2.0 * np.log(sigma)
+  if schedules_lib.is_continuous(schedule):
+    t = np.interp(lam_target, lam[::-1], times[::-1])
+    return np.clip(t, schedule.t_min, schedule.t_max).astype(np.float32)
+  index = np.searchsorted(-lam, -lam_target - 1e-12)  # -lam increases with t
+  return np.minimum(index, schedule.num_timesteps - 1).astype(np.int64)
 
 
 def _alpha_sigma_np(schedule, t: np.ndarray):
@@ -167,8 +233,8 @@ def _ddpm_plan(model_fn, schedule, key, prediction, clip_x0, variance):
   return Plan(step, {'t': t, 'alpha_next': alpha_next, 'sigma_next': sigma_next}, num_timesteps)
 
 
-def _ddim_plan(model_fn, schedule, key, num_steps, prediction, clip_x0, eta, spacing):
-  ts = timesteps(schedule, num_steps, spacing)
+def _ddim_plan(model_fn, schedule, key, num_steps, prediction, clip_x0, eta, spacing, rho):
+  ts = timesteps(schedule, num_steps, spacing, rho)
   alpha, sigma = _alpha_sigma_np(schedule, ts)
   # After the last call the chain lands on clean data: abar = 1.
   alpha_next = np.append(alpha[1:], 1.0).astype(np.float32)
@@ -190,7 +256,8 @@ def _ddim_plan(model_fn, schedule, key, num_steps, prediction, clip_x0, eta, spa
   return Plan(step, xs, num_steps)
 
 
-def _dpm_solver_plan(model_fn, schedule, num_steps, prediction, clip_x0, order: int):
+def _dpm_solver_plan(model_fn, schedule, num_steps, prediction, clip_x0, order: int,
+                     spacing: str = 'logsnr', rho: float = DEFAULT_RHO):
   """DPM-Solver++ multistep of ``order`` 2 or 3 on steps uniform in log-SNR (lambda).
 
   The exact update from lambda to lambda + h integrates the data prediction f(lambda):
@@ -199,7 +266,7 @@ def _dpm_solver_plan(model_fn, schedule, num_steps, prediction, clip_x0, order: 
   last three predictions (Newton divided differences, any spacing) and integrates it exactly.
   The first steps have fewer predictions and are of lower order.
   """
-  ts = log_snr_timesteps(schedule, num_steps)  # [N + 1]
+  ts = timesteps(schedule, num_steps + 1, spacing, rho)  # [N + 1]
   alpha, sigma = _alpha_sigma_np(schedule, ts)
   lam = np.log(alpha.astype(np.float64)) - np.log(sigma.astype(np.float64))
   h = np.diff(lam)  # [N], h_i = lambda_{i+1} - lambda_i > 0
@@ -242,6 +309,8 @@ def _dpm_solver_plan(model_fn, schedule, num_steps, prediction, clip_x0, order: 
 
 
 def _sde_plan(model_fn, schedule, key, num_steps, prediction, method):
+  """euler_maruyama on the reverse VP-SDE, or ode: Heun on the probability-flow ODE in (x, t);
+  steps uniform in t."""
   grid = np.linspace(schedule.t_max, schedule.t_min, num_steps + 1).astype(np.float32)
   t, t_next = grid[:-1], grid[1:]
 
@@ -275,6 +344,71 @@ def _sde_plan(model_fn, schedule, key, num_steps, prediction, method):
   return Plan(step, xs, num_steps * (2 if method == 'ode' else 1))
 
 
+class Churn(NamedTuple):
+  """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2): before each step whose noise
+  level lies in [s_tmin, s_tmax], noise is added to raise it by gamma = min(s_churn / N,
+  sqrt(2) - 1), with standard deviation s_noise. s_churn = 0 is the deterministic Algorithm 1."""
+  s_churn: float = 0.0
+  s_tmin: float = 0.0
+  s_tmax: float = float('inf')
+  s_noise: float = 1.0
+
+
+def _heun_plan(model_fn, schedule, key, num_steps, prediction, clip_x0, spacing, rho,
+               churn: Churn):
+  """EDM's Heun sampler (Karras et al. 2022, Algorithm 1; with ``churn``, Algorithm 2) on the
+  probability-flow ODE written in the noise level s = sigma_t / alpha_t and y = x / alpha_t,
+  where it reads dy/ds = (y - x0(y, s)) / s: second-order steps between the ``num_steps`` levels
+  of ``spacing``, then an Euler step from the last one to s = 0 (clean data). 2N - 1 calls.
+
+  The carry stays x in the schedule's own (variance-preserving) scale, so conditioning by
+  replacement works as for the other samplers.
+  """
+  ts = timesteps(schedule, num_steps, spacing, rho)  # [N], descending
+  alpha, sigma = (a.astype(np.float64) for a in _alpha_sigma_np(schedule, ts))
+  level = sigma / alpha
+  gamma = np.where((level >= churn.s_tmin) & (level <= churn.s_tmax),
+                   min(churn.s_churn / num_steps, np.sqrt(2.0) - 1.0), 0.0)
+  # The raised level must be one the network was trained at: on a discrete schedule, the first
+  # timestep at or above it.
+  t_hat = np.where(gamma > 0, _time_at_or_above_noise(schedule, level * (1.0 + gamma)), ts)
+  alpha_hat, sigma_hat = (a.astype(np.float64) for a in _alpha_sigma_np(schedule, t_hat))
+  level_hat = sigma_hat / alpha_hat
+  t_next = np.append(ts[1:], ts[-1])
+  alpha_next = np.append(alpha[1:], 1.0)
+  sigma_next = np.append(sigma[1:], 0.0)
+  level_next = sigma_next / alpha_next
+
+  def x0_at(y, t, alpha_t, sigma_t):
+    return _denoise(model_fn, alpha_t * y, t, alpha_t, sigma_t, prediction, clip_x0)[0]
+
+  def step(x, xs):
+    y = x / xs['alpha']
+    noise = jax.random.normal(jax.random.fold_in(key, xs['i']), x.shape, x.dtype)
+    y = y + xs['churn_std'] * noise  # 0 without churn
+    x0 = x0_at(y, xs['t_hat'], xs['alpha_hat'], xs['sigma_hat'])
+    slope = (y - x0) / xs['level_hat']
+    y_euler = y + (xs['level_next'] - xs['level_hat']) * slope
+
+    def heun(_):
+      x0_next = x0_at(y_euler, xs['t_next'], xs['alpha_next'], xs['sigma_next'])
+      slope_next = (y_euler - x0_next) / xs['level_next']
+      return y + (xs['level_next'] - xs['level_hat']) * 0.5 * (slope + slope_next)
+
+    y = jax.lax.cond(xs['last'], lambda _: y_euler, heun, None)  # the last step: Euler, to s = 0
+    x = xs['alpha_next'] * y
+    return x, (x, x0)
+
+  f32 = lambda a: jnp.asarray(np.asarray(a, np.float64), jnp.float32)
+  churn_std = level * np.sqrt(np.maximum((level_hat / level) ** 2 - 1.0, 0.0)) * churn.s_noise
+  xs = dict(i=jnp.arange(num_steps), t=jnp.asarray(ts), alpha=f32(alpha), t_hat=jnp.asarray(t_hat),
+            alpha_hat=f32(alpha_hat), sigma_hat=f32(sigma_hat), level_hat=f32(level_hat),
+            churn_std=f32(churn_std), t_next=jnp.asarray(t_next), alpha_next=f32(alpha_next),
+            sigma_next=f32(sigma_next), level_next=f32(np.maximum(level_next, 1e-30)),
+            last=jnp.arange(num_steps) == num_steps - 1)
+  return Plan(step, xs, 2 * num_steps - 1)
+
+
 _REPLACE_INDEX = 'replace_index'
 
 
@@ -302,36 +436,48 @@ def _replacing(plan: Plan, replace, key) -> Plan:
 
 def make_plan(model_fn: ModelFn, schedule, key, *, method: str, num_steps: Optional[int] = None,
               eta: float = 0.0, prediction: str = 'eps', clip_x0: bool = True,
-              variance: str = 'small', spacing: str = 'uniform', replace=None) -> Plan:
+              variance: str = 'small', spacing: Optional[str] = None, rho: float = DEFAULT_RHO,
+              churn: Churn = Churn(), replace=None) -> Plan:
   """The steps of a sampler, for ``sample`` to scan (or a caller to scan in chunks).
 
-  ``replace=(observed, mask)`` conditions on observed entries by replacement (``_replacing``).
+  ``spacing`` None takes the method's default (METHOD_SPACINGS); ``rho`` is Karras's; ``churn``
+  applies to heun. ``replace=(observed, mask)`` conditions on observed entries by replacement
+  (``_replacing``).
   """
   if replace is not None:
     plan = make_plan(model_fn, schedule, key, method=method, num_steps=num_steps, eta=eta,
-                     prediction=prediction, clip_x0=clip_x0, variance=variance, spacing=spacing)
+                     prediction=prediction, clip_x0=clip_x0, variance=variance, spacing=spacing,
+                     rho=rho, churn=churn)
     return _replacing(plan, replace, jax.random.fold_in(key, 0x5EED))
   diffusion.check_prediction(prediction, ('eps', 'x0', 'v'))
   num_steps = check_method(method, schedule, num_steps)
+  spacing = check_spacing(method, spacing, rho)
   if not 0.0 <= eta <= 1.0:
     raise InputError(f'eta must lie in [0, 1], got {eta}')
+  if churn != Churn() and method != 'heun':
+    raise InputError(f'churn (s_churn, s_tmin, s_tmax, s_noise) is heun\'s; {method} takes none')
+  if not (churn.s_churn >= 0 and churn.s_noise >= 0 and churn.s_tmin <= churn.s_tmax):
+    raise InputError(f'churn needs s_churn >= 0, s_noise >= 0 and s_tmin <= s_tmax; got {churn}')
   if method == 'ddpm':
     return _ddpm_plan(model_fn, schedule, key, prediction, clip_x0, variance)
   if method == 'ddim':
-    return _ddim_plan(model_fn, schedule, key, num_steps, prediction, clip_x0, eta, spacing)
+    return _ddim_plan(model_fn, schedule, key, num_steps, prediction, clip_x0, eta, spacing, rho)
   if method in MULTISTEP_ORDER:
     return _dpm_solver_plan(model_fn, schedule, num_steps, prediction, clip_x0,
-                            MULTISTEP_ORDER[method])
+                            MULTISTEP_ORDER[method], spacing, rho)
+  if method == 'heun':
+    return _heun_plan(model_fn, schedule, key, num_steps, prediction, clip_x0, spacing, rho,
+                      churn)
   return _sde_plan(model_fn, schedule, key, num_steps, prediction, method)
 
 
 def _plan(model_fn, schedule, key, method, num_steps, eta, prediction, clip_x0, variance, spacing,
-          replace=None):
+          rho=DEFAULT_RHO, churn=Churn(), replace=None):
   """The plan for ``key`` (the step noise comes from its second half, as in ``sample``)."""
   _, step_key = jax.random.split(key)
   return make_plan(model_fn, schedule, step_key, method=method, num_steps=num_steps, eta=eta,
                    prediction=prediction, clip_x0=clip_x0, variance=variance, spacing=spacing,
-                   replace=replace)
+                   rho=rho, churn=churn, replace=replace)
 
 
 def num_plan_steps(plan: Plan) -> int:
@@ -340,7 +486,7 @@ def num_plan_steps(plan: Plan) -> int:
 
 def _plan_options(options: dict) -> dict:
   defaults = dict(num_steps=None, eta=0.0, prediction='eps', clip_x0=True, variance='small',
-                  spacing='uniform', replace=None)
+                  spacing=None, rho=DEFAULT_RHO, churn=Churn(), replace=None)
   unknown = set(options) - set(defaults) - {'method'}
   if unknown:
     raise TypeError(f'unknown sampling options {sorted(unknown)}')
@@ -394,7 +540,8 @@ def sample_finish(model_fn: ModelFn, schedule, key, carry, **options):
 
 def sample(model_fn: ModelFn, schedule, key, shape, *, method: str,
            num_steps: Optional[int] = None, eta: float = 0.0, prediction: str = 'eps',
-           clip_x0: bool = True, x_T=None, variance: str = 'small', spacing: str = 'uniform',
+           clip_x0: bool = True, x_T=None, variance: str = 'small',
+           spacing: Optional[str] = None, rho: float = DEFAULT_RHO, churn: Churn = Churn(),
            return_trajectory: bool = False, progress: Optional[Callable[[int], None]] = None,
            replace=None):
   """Runs the reverse process from x_T ~ N(0, I) of ``shape`` and returns x_0 in model space.
@@ -403,10 +550,11 @@ def sample(model_fn: ModelFn, schedule, key, shape, *, method: str,
   [num_steps, *shape], after every step. ``progress(i)`` is called from the device after step i
   (a host callback: for progress bars; a computation with one is never kept in JAX's persistent
   compilation cache). Jit-able; ``key`` draws x_T and all step noise. ``replace=(observed,
-  mask)`` conditions on observed entries by replacement (see ``make_plan``).
+  mask)`` conditions on observed entries by replacement (see ``make_plan``). ``spacing`` (None:
+  the method's default), ``rho`` and ``churn``: see METHOD_SPACINGS and make_plan.
   """
   plan = _plan(model_fn, schedule, key, method, num_steps, eta, prediction, clip_x0, variance,
-               spacing, replace)  # one plan for all the steps
+               spacing, rho, churn, replace)  # one plan for all the steps
   result = _steps(plan, _start(plan, key, shape, x_T), 0, num_plan_steps(plan),
                   return_trajectory, progress)
   carry, trajectory = result if return_trajectory else (result, None)

@@ -93,6 +93,8 @@ def test_sample_script_bad_input(digits_run, tmp_path):
       ([f'--ckpt={digits_run}', '--method=plms'], "unknown sampling method 'plms'"),
       ([f'--ckpt={digits_run}', '--method=ddim', '--num_steps=500'], 'num_steps=500 is larger'),
       ([f'--ckpt={digits_run}', '--labels=1'], 'labels were given but the model is unconditional'),
+      ([f'--ckpt={digits_run}', '--method=dpm_solver++', '--spacing=quadratic'],
+       "dpm_solver++ does not take spacing='quadratic'; it takes logsnr, karras"),
   ]
   (tmp_path / 'empty').mkdir()
   (tmp_path / 'empty' / 'config.json').write_text((digits_run / 'config.json').read_text())
@@ -138,3 +140,13 @@ def test_compilation_cache_keeps_the_sampler_and_has_an_off_switch(digits_run, t
                            'JAX_COMPILATION_CACHE_DIR': str(jax_folder)})
   assert result.returncode == 0, result.stderr[-3000:]
   assert not jax_folder.exists() or not any(jax_folder.iterdir())
+
+
+def test_sample_script_heun_on_karras_spacing(digits_run, tmp_path):
+  out = tmp_path / 'heun'
+  result = run_script('sample.py', f'--ckpt={digits_run}', '--num_samples=3', '--method=heun',
+                      '--num_steps=3', '--spacing=karras', '--rho=5', f'--out={out}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (out / 'timing.txt').read_text().startswith('heun 3 steps (karras spacing) 3 samples')
+  with np.load(out / 'samples.npz') as f:
+    assert f['arr_0'].shape == (3, 8, 8, 1)
