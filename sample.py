@@ -8,6 +8,8 @@ samples.csv and windows.png for time series.
 
 from absl import app, flags
 
+from ddpm_jax import cli, generate, inference
+
 flags.DEFINE_string('ckpt', None, 'A training workdir, its checkpoints/ or one checkpoints/<step>.')
 flags.DEFINE_string('out', '', 'Output folder (default: <workdir>/generated/<method>).')
 flags.DEFINE_integer('num_samples', 64, 'How many samples.')
@@ -53,7 +55,6 @@ flags.mark_flags_as_required(['ckpt'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  from ddpm_jax import cli, generate, inference
   f = flags.FLAGS
 
   def run():
@@ -73,4 +74,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -7,6 +7,8 @@ resumes from its newest complete checkpoint.
 from absl import app, flags
 from ml_collections import config_flags
 
+from ddpm_jax import cli, trainer
+
 config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', '', 'Folder for checkpoints, samples, metrics and config.json.')
@@ -16,9 +18,8 @@ flags.mark_flags_as_required(['config'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  from ddpm_jax import cli, trainer
   cli.run('train.py', lambda: trainer.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

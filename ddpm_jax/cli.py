@@ -17,6 +17,34 @@ USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryErr
                PermissionError, FileExistsError)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing for ``app.run(main, flags_parser=parse_flags)``: a flag that does not
+  exist or does not parse, a config file that does not load and a config override naming no
+  field (ml_collections' suggestion kept) are one line and exit 1 instead of a traceback."""
+  path = os.path.abspath(argv[0]) if argv else 'ddpm_jax'
+  program = (f'ddpm_jax.{os.path.splitext(os.path.basename(path))[0]}'  # python -m ddpm_jax.X
+             if os.path.basename(os.path.dirname(path)) == 'ddpm_jax' else os.path.basename(path))
+  try:
+    remaining = flags.FLAGS(argv)
+    for name in list(flags.FLAGS):
+      # ml_collections defers a config file's load error to the first use of the config.
+      try:
+        getattr(flags.FLAGS[name].value, 'to_dict', None)
+      except OSError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise ValueError(f'--{name}: {lines[-1]}') from None
+    return remaining
+  except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as error:
+    # ml_collections' messages quote a KeyError's repr ('\'num_step\'\nDid you mean ...').
+    text = ' '.join(str(error).replace('\\n', ' ').replace("\\'", "'").split())
+    if len(text) > 1 and text[0] == text[-1] and text[0] in '\'"':
+      text = text[1:-1]
+    if isinstance(error, AttributeError):  # an override that names no config field
+      text = f'no such config field: {text}'
+    print(f'{program}: error: {text} (see --helpfull)', file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
 def run(program: str, fn):
   """Calls fn(); a user error (``USER_ERRORS``) becomes ``<program>: error: <one line>`` and exit
   code 1; any other exception is a bug and shows its traceback.

@@ -184,6 +184,14 @@ def test_batch_that_devices_cannot_split_fails_before_compiling(tmp_path):
      'train.py: error: data.path /no/such/dir does not exist'),
     (['--config.model.ch_mult=(1,2,2,2,2)'], 'train.py: error: input spatial size (8, 8) is not '
                                              'divisible by 16'),
+    # Flag parsing (cli.parse_flags): were 40-53-line ml_collections tracebacks.
+    (['--config.training.num_step=3'], 'train.py: error: no such config field: \'num_step\' Did '
+                                       'you mean "num_steps" instead of "num_step"?'),
+    (['--config=configs/nosuch.py'], "train.py: error: --config: [Errno 2] No such file or "
+                                     "directory: 'configs/nosuch.py'"),
+    (['--config.training.num_steps=many'], 'train.py: error: flag --config.training.num_steps='
+                                           'many: invalid literal for int()'),
+    (['--no_such_flag=1'], "train.py: error: Unknown command line flag 'no_such_flag'"),
 ])
 def test_bad_input_gives_one_line(tmp_path, args, message):
   workdir = [] if not args else [f'--workdir={tmp_path}']
