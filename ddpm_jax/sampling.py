@@ -132,15 +132,16 @@ def timesteps(schedule, num_points: int, spacing: str = 'uniform',
   if spacing not in SPACINGS:
     raise InputError(f'unknown spacing {spacing!r}; choose one of {", ".join(SPACINGS)}')
   if spacing in ('logsnr', 'karras'):
-    lam_max, lam_min = _log_snr_range(schedule)
-    unit = np.linspace(0.0, 1.0, num_points) if num_points > 1 else np.zeros(1)
+    table = _log_snr_table(schedule)
+    lam_max, lam_min = table[1][0], table[1][-1]  # at t = 0 (t_min) and T - 1 (t_max)
     if spacing == 'logsnr':  # descending times: ascending log-SNR
       lam = np.linspace(lam_min, lam_max, num_points) if num_points > 1 else np.full(1, lam_min)
     else:  # sigma = exp(-lam / 2), spaced in sigma^(1 / rho)
+      unit = np.linspace(0.0, 1.0, num_points) if num_points > 1 else np.zeros(1)
       s_max, s_min = np.exp(-lam_min / 2), np.exp(-lam_max / 2)
       sigma = (s_max ** (1 / rho) + unit * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
       lam = -2.0 * np.log(sigma)
-    return _times_at_log_snr(schedule, lam)
+    return _times_at_log_snr(schedule, table, lam)
   unit = np.linspace(1.0, 0.0, num_points) if num_points > 1 else np.ones(1)
   if spacing == 'quadratic':
     unit = unit ** 2
@@ -166,15 +167,10 @@ def _log_snr_table(schedule):
   return np.arange(len(abar), dtype=np.float64), np.log(abar) - np.log1p(-abar)
 
 
-def _log_snr_range(schedule) -> tuple[float, float]:
-  """(largest, smallest) log-SNR a sampler visits: at t = 0 (t_min) and T - 1 (t_max)."""
-  _, lam = _log_snr_table(schedule)
-  return float(lam[0]), float(lam[-1])
-
-
-def _times_at_log_snr(schedule, lam_targets: np.ndarray) -> np.ndarray:
-  """The times whose log-SNR are ``lam_targets`` (ascending log-SNR: descending times)."""
-  times, lam = _log_snr_table(schedule)
+def _times_at_log_snr(schedule, table, lam_targets: np.ndarray) -> np.ndarray:
+  """The times whose log-SNR are ``lam_targets`` (ascending log-SNR: descending times), read
+  off ``table`` (``_log_snr_table``)."""
+  times, lam = table
   t_float = np.interp(lam_targets, lam[::-1], times[::-1])  # lam decreases in t
   if schedules_lib.is_continuous(schedule):
     return t_float.astype(np.float32)
@@ -371,7 +367,9 @@ def _heun_plan(model_fn, schedule, key, num_steps, prediction, clip_x0, spacing,
                    min(churn.s_churn / num_steps, np.sqrt(2.0) - 1.0), 0.0)
   # The raised level must be one the network was trained at: on a discrete schedule, the first
   # timestep at or above it.
-  t_hat = np.where(gamma > 0, _time_at_or_above_noise(schedule, level * (1.0 + gamma)), ts)
+  churned = bool((gamma > 0).any())
+  t_hat = np.where(gamma > 0, _time_at_or_above_noise(schedule, level * (1.0 + gamma)), ts) \
+      if churned else ts
   alpha_hat, sigma_hat = (a.astype(np.float64) for a in _alpha_sigma_np(schedule, t_hat))
   level_hat = sigma_hat / alpha_hat
   t_next = np.append(ts[1:], ts[-1])
@@ -384,8 +382,9 @@ def _heun_plan(model_fn, schedule, key, num_steps, prediction, clip_x0, spacing,
 
   def step(x, xs):
     y = x / xs['alpha']
-    noise = jax.random.normal(jax.random.fold_in(key, xs['i']), x.shape, x.dtype)
-    y = y + xs['churn_std'] * noise  # 0 without churn
+    if churned:  # Algorithm 2: raise the level to s_hat with fresh noise
+      noise = jax.random.normal(jax.random.fold_in(key, xs['i']), x.shape, x.dtype)
+      y = y + xs['churn_std'] * noise
     x0 = x0_at(y, xs['t_hat'], xs['alpha_hat'], xs['sigma_hat'])
     slope = (y - x0) / xs['level_hat']
     y_euler = y + (xs['level_next'] - xs['level_hat']) * slope

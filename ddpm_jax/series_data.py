@@ -127,8 +127,8 @@ def read_series_with_times(path: pathlib.Path, columns: str = '', time_column: s
 
 
 def _read_csv_rows(path: pathlib.Path) -> list[list[str]]:
-  """The CSV's rows, blank lines dropped; cells and the header bounded by MAX_CSV_CELL and
-  MAX_CSV_COLUMNS."""
+  """The CSV's rows, blank lines dropped; lines bounded by MAX_CSV_LINE characters and rows by
+  MAX_CSV_COLUMNS cells."""
   rows = []
   try:
     with open(path, newline='') as f:

@@ -83,8 +83,13 @@ def abstract_state(config, model):
   return jax.eval_shape(init)
 
 
+def finite_leaves(tree) -> jax.Array:
+  """bool [number of leaves]: whether each leaf of ``tree`` is all finite."""
+  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])
+
+
 def _all_finite(tree) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+  return jnp.all(finite_leaves(tree))
 
 
 def flip_images(key, x0):
