@@ -37,12 +37,15 @@ DISCRETE_ONLY = ('ddpm',)
 CONTINUOUS_ONLY = ('euler_maruyama', 'ode')
 # How each method may space its steps, its default first: uniform / quadratic in t, uniform in
 # log-SNR, or Karras et al.'s (2022) sigma_i = (smax^1/rho + i/(N-1) (smin^1/rho - smax^1/rho))^rho
-# in the noise level sigma = sigma_t / alpha_t.
-METHOD_SPACINGS = {'ddpm': ('uniform',), 'ddim': ('uniform', 'quadratic', 'karras'),
+# in the noise level sigma = sigma_t / alpha_t; or 'trailing': t_i = i/N of the way, i = N..1,
+# so the N-step list is every other point of the 2N-step one (what progressive distillation
+# halves; diffusers' timestep_spacing='trailing').
+METHOD_SPACINGS = {'ddpm': ('uniform',),
+                   'ddim': ('uniform', 'quadratic', 'karras', 'trailing'),
                    'dpm_solver++': ('logsnr', 'karras'), 'dpm_solver++3m': ('logsnr', 'karras'),
                    'heun': ('karras', 'logsnr', 'uniform'), 'euler_maruyama': ('uniform',),
                    'ode': ('uniform',)}
-SPACINGS = ('uniform', 'quadratic', 'logsnr', 'karras')
+SPACINGS = ('uniform', 'quadratic', 'logsnr', 'karras', 'trailing')
 DEFAULT_RHO = 7.0
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -142,12 +145,26 @@ def timesteps(schedule, num_points: int, spacing: str = 'uniform',
       sigma = (s_max ** (1 / rho) + unit * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
       lam = -2.0 * np.log(sigma)
     return _times_at_log_snr(schedule, table, lam)
+  if spacing == 'trailing':
+    return trailing_timesteps(schedule, num_points)
   unit = np.linspace(1.0, 0.0, num_points) if num_points > 1 else np.ones(1)
   if spacing == 'quadratic':
     unit = unit ** 2
   if schedules_lib.is_continuous(schedule):
     return (schedule.t_min + unit * (schedule.t_max - schedule.t_min)).astype(np.float32)
   return _strictly_decreasing_ints((schedule.num_timesteps - 1) * unit, schedule.num_timesteps)
+
+
+def trailing_timesteps(schedule, num_steps: int) -> np.ndarray:
+  """The times i/N of the way from clean to t_max, i = N..1 (descending): discrete
+  T i // N - 1, continuous t_max i / N (at least t_min). Nested: the N-step list is the 2N-step one's even
+  entries, so two teacher steps span exactly one student step."""
+  fractions = np.arange(num_steps, 0, -1)
+  if schedules_lib.is_continuous(schedule):
+    return np.maximum(schedule.t_max * fractions / num_steps, schedule.t_min).astype(np.float32)
+  if num_steps > schedule.num_timesteps:
+    raise InputError(f'{num_steps} trailing timesteps do not fit in T = {schedule.num_timesteps}')
+  return (schedule.num_timesteps * fractions // num_steps - 1).astype(np.int64)
 
 
 def log_snr_timesteps(schedule, num_steps: int) -> np.ndarray:
@@ -189,19 +206,21 @@ def _time_at_or_above_noise(schedule, sigma: np.ndarray) -> np.ndarray:
   return np.minimum(index, schedule.num_timesteps - 1).astype(np.int64)
 
 
-def _alpha_sigma_np(schedule, t: np.ndarray):
+def grid_alpha_sigma(schedule, t: np.ndarray):
+  """(alpha, sigma) float32 numpy arrays at a fixed grid of times ``t``."""
   # The grid is fixed before sampling starts: evaluate it now even inside a caller's jit.
   with jax.ensure_compile_time_eval():
     alpha, sigma = diffusion.alpha_sigma(schedule, jnp.asarray(t))
   return np.asarray(alpha, np.float32), np.asarray(sigma, np.float32)
 
 
-def _denoise(model_fn, x, t, alpha, sigma, prediction: str, clip_x0: bool):
-  """Calls the network once at time t (a scalar) and returns (x0, eps).
+def denoise(model_fn, x, t, alpha, sigma, prediction: str, clip_x0: bool):
+  """Calls the network once at time t (a scalar, or [B]) and returns (x0, eps); alpha and
+  sigma broadcast to x.
 
   With clip_x0, x0 is clipped to [-1, 1] and eps recomputed from it, as guided-diffusion does.
   """
-  out = model_fn(x, jnp.full((x.shape[0],), t)).astype(x.dtype)
+  out = model_fn(x, jnp.broadcast_to(t, (x.shape[0],))).astype(x.dtype)
   x0, eps = diffusion.split_prediction(out, x, alpha, sigma, prediction)
   if clip_x0:
     x0 = jnp.clip(x0, -1.0, 1.0)
@@ -215,7 +234,7 @@ def _ddpm_plan(model_fn, schedule, key, prediction, clip_x0, variance):
 
   def step(x, xs):
     t = xs['t']
-    x0, _ = _denoise(model_fn, x, t, schedule.sqrt_alphas_cumprod[t],
+    x0, _ = denoise(model_fn, x, t, schedule.sqrt_alphas_cumprod[t],
                      schedule.sqrt_one_minus_alphas_cumprod[t], prediction, clip_x0)
     mean = schedule.posterior_mean_coef1[t] * x0 + schedule.posterior_mean_coef2[t] * x
     noise = jax.random.normal(jax.random.fold_in(key, t), x.shape, x.dtype)
@@ -231,13 +250,13 @@ def _ddpm_plan(model_fn, schedule, key, prediction, clip_x0, variance):
 
 def _ddim_plan(model_fn, schedule, key, num_steps, prediction, clip_x0, eta, spacing, rho):
   ts = timesteps(schedule, num_steps, spacing, rho)
-  alpha, sigma = _alpha_sigma_np(schedule, ts)
+  alpha, sigma = grid_alpha_sigma(schedule, ts)
   # After the last call the chain lands on clean data: abar = 1.
   alpha_next = np.append(alpha[1:], 1.0).astype(np.float32)
   sigma_next = np.append(sigma[1:], 0.0).astype(np.float32)
 
   def step(x, xs):
-    x0, eps = _denoise(model_fn, x, xs['t'], xs['alpha'], xs['sigma'], prediction, clip_x0)
+    x0, eps = denoise(model_fn, x, xs['t'], xs['alpha'], xs['sigma'], prediction, clip_x0)
     # sigma_eta² = eta² (1 - abar_next)/(1 - abar) (1 - abar/abar_next)  (DDIM eq. 16)
     ratio = (xs['alpha'] / xs['alpha_next']) ** 2
     noise_std = eta * xs['sigma_next'] / xs['sigma'] * jnp.sqrt(jnp.maximum(1.0 - ratio, 0.0))
@@ -263,7 +282,7 @@ def _dpm_solver_plan(model_fn, schedule, num_steps, prediction, clip_x0, order: 
   The first steps have fewer predictions and are of lower order.
   """
   ts = timesteps(schedule, num_steps + 1, spacing, rho)  # [N + 1]
-  alpha, sigma = _alpha_sigma_np(schedule, ts)
+  alpha, sigma = grid_alpha_sigma(schedule, ts)
   lam = np.log(alpha.astype(np.float64)) - np.log(sigma.astype(np.float64))
   h = np.diff(lam)  # [N], h_i = lambda_{i+1} - lambda_i > 0
   h_prev = np.append(h[0], h[:-1])  # lambda_i - lambda_{i-1}; unused at the first step
@@ -279,7 +298,7 @@ def _dpm_solver_plan(model_fn, schedule, num_steps, prediction, clip_x0, order: 
 
   def step(carry, xs):
     x, x0_prev, x0_prev2 = carry
-    x0, _ = _denoise(model_fn, x, xs['t'], xs['alpha'], xs['sigma'], prediction, clip_x0)
+    x0, _ = denoise(model_fn, x, xs['t'], xs['alpha'], xs['sigma'], prediction, clip_x0)
     if order == 2:
       half_inv_r = 0.5 * xs['h'] / xs['h_prev']
       d = jnp.where(xs['order'] == 1, x0, (1 + half_inv_r) * x0 - half_inv_r * x0_prev)
@@ -313,7 +332,7 @@ def _sde_plan(model_fn, schedule, key, num_steps, prediction, method):
   def drift(x, t):
     """dx/dt of the reverse SDE (-1/2 beta x - beta score) or the PF ODE (half the score term)."""
     alpha, sigma = schedule.mean_coef(t), schedule.std(t)
-    _, eps = _denoise(model_fn, x, t, alpha, sigma, prediction, clip_x0=False)
+    _, eps = denoise(model_fn, x, t, alpha, sigma, prediction, clip_x0=False)
     score = -eps / sigma
     beta = schedule.beta(t)
     score_weight = 1.0 if method == 'euler_maruyama' else 0.5
@@ -333,7 +352,7 @@ def _sde_plan(model_fn, schedule, key, num_steps, prediction, method):
     alpha, sigma = schedule.mean_coef(xs['t']), schedule.std(xs['t'])
     return x, (x, (x - sigma * eps) / alpha)
 
-  alpha_next, sigma_next = _alpha_sigma_np(schedule, t_next)  # where each step lands
+  alpha_next, sigma_next = grid_alpha_sigma(schedule, t_next)  # where each step lands
   xs = dict(i=jnp.arange(num_steps), t=jnp.asarray(t), t_next=jnp.asarray(t_next),
             last=jnp.arange(num_steps) == num_steps - 1, alpha_next=jnp.asarray(alpha_next),
             sigma_next=jnp.asarray(sigma_next))
@@ -361,7 +380,7 @@ def _heun_plan(model_fn, schedule, key, num_steps, prediction, clip_x0, spacing,
   replacement works as for the other samplers.
   """
   ts = timesteps(schedule, num_steps, spacing, rho)  # [N], descending
-  alpha, sigma = (a.astype(np.float64) for a in _alpha_sigma_np(schedule, ts))
+  alpha, sigma = (a.astype(np.float64) for a in grid_alpha_sigma(schedule, ts))
   level = sigma / alpha
   gamma = np.where((level >= churn.s_tmin) & (level <= churn.s_tmax),
                    min(churn.s_churn / num_steps, np.sqrt(2.0) - 1.0), 0.0)
@@ -370,7 +389,7 @@ def _heun_plan(model_fn, schedule, key, num_steps, prediction, clip_x0, spacing,
   churned = bool((gamma > 0).any())
   t_hat = np.where(gamma > 0, _time_at_or_above_noise(schedule, level * (1.0 + gamma)), ts) \
       if churned else ts
-  alpha_hat, sigma_hat = (a.astype(np.float64) for a in _alpha_sigma_np(schedule, t_hat))
+  alpha_hat, sigma_hat = (a.astype(np.float64) for a in grid_alpha_sigma(schedule, t_hat))
   level_hat = sigma_hat / alpha_hat
   t_next = np.append(ts[1:], ts[-1])
   alpha_next = np.append(alpha[1:], 1.0)
@@ -378,7 +397,7 @@ def _heun_plan(model_fn, schedule, key, num_steps, prediction, clip_x0, spacing,
   level_next = sigma_next / alpha_next
 
   def x0_at(y, t, alpha_t, sigma_t):
-    return _denoise(model_fn, alpha_t * y, t, alpha_t, sigma_t, prediction, clip_x0)[0]
+    return denoise(model_fn, alpha_t * y, t, alpha_t, sigma_t, prediction, clip_x0)[0]
 
   def step(x, xs):
     y = x / xs['alpha']

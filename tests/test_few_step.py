@@ -16,7 +16,7 @@ from tests.test_sampling import LINEAR, MIX, MIX_STD, VP
 
 
 def _noise_levels(schedule, times):
-  alpha, sigma = (np.asarray(a, np.float64) for a in sampling._alpha_sigma_np(schedule, times))
+  alpha, sigma = (np.asarray(a, np.float64) for a in sampling.grid_alpha_sigma(schedule, times))
   return sigma / alpha
 
 
@@ -77,7 +77,7 @@ def test_heun_steps_are_algorithm_1(schedule):
   assert plan.nfe == 11
   times = np.asarray(plan.xs['t'])
   levels = _noise_levels(schedule, times)
-  alphas = np.asarray(sampling._alpha_sigma_np(schedule, times)[0], np.float64)
+  alphas = np.asarray(sampling.grid_alpha_sigma(schedule, times)[0], np.float64)
   x = np.linspace(-2, 2, 6).reshape(6, 1)
 
   def denoised(y, i):
@@ -112,7 +112,7 @@ def test_heun_is_second_order_on_the_exact_gaussian_flow():
                                          num_steps=n, x_T=x_T, clip_x0=False,
                                          return_trajectory=True)
     times = sampling.timesteps(VP, n, 'karras')
-    (alpha_T, alpha_min), levels = (np.asarray(sampling._alpha_sigma_np(VP, times[[0, -1]])[0],
+    (alpha_T, alpha_min), levels = (np.asarray(sampling.grid_alpha_sigma(VP, times[[0, -1]])[0],
                                                np.float64), _noise_levels(VP, times[[0, -1]]))
     y_T = np.asarray(x_T, np.float64) / alpha_T
     exact = m + (y_T - m) * np.sqrt((s ** 2 + levels[1] ** 2) / (s ** 2 + levels[0] ** 2))

@@ -171,7 +171,7 @@ def _ode_error(schedule, method, num_steps, mean=0.5, std=0.3):
   out = sampling.sample(gaussian_eps(schedule, mean, std), schedule, jax.random.key(0),
                         x_T.shape, method=method, num_steps=num_steps, clip_x0=False, x_T=x_T)
   ends = sampling.log_snr_timesteps(schedule, num_steps)[[0, -1]]
-  (alpha_T, alpha_end), (sigma_T, sigma_end) = sampling._alpha_sigma_np(schedule, ends)
+  (alpha_T, alpha_end), (sigma_T, sigma_end) = sampling.grid_alpha_sigma(schedule, ends)
   z = (np.asarray(x_T, np.float64) - alpha_T * mean) / np.hypot(alpha_T * std, sigma_T)
   exact = alpha_end * mean + np.hypot(alpha_end * std, sigma_end) * z
   return float(np.abs(np.asarray(out) - exact).max())
