@@ -83,6 +83,7 @@ def get_config():
   config.optim = ml_collections.ConfigDict(dict(
       learning_rate=2e-4,
       warmup_steps=5000,
+      decay_steps=0,  # > 0: after warm-up, linearly down to 0 over this many steps
       grad_clip=1.0,
       b1=0.9,
       b2=0.999,
@@ -119,7 +120,8 @@ def get_config():
       method='dpm_solver++',
       num_steps=20,
       eta=0.0,
-      # For the methods that take it (ddim: uniform | quadratic | karras; dpm_solver++(3m):
+      # For the methods that take it (ddim: uniform | quadratic | karras | trailing, the
+      # nested steps distilled students take; dpm_solver++(3m):
       # logsnr | karras; heun: karras | logsnr | uniform); '' or one a method does not take:
       # the method's own default (the first named).
       spacing='',

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ddpm_jax import config_lib, losses, masking
+from ddpm_jax import config_lib, distillation, losses, masking
 from ddpm_jax import schedules as schedules_lib
 from ddpm_jax.models import model_apply
 from ddpm_jax.errors import InputError
@@ -30,10 +30,25 @@ class TrainState(flax.struct.PyTreeNode):
   loss_history: Any = None  # losses.LossHistory for importance sampling of t
 
 
+def learning_rate_schedule(optim):
+  """A linear warm-up to ``optim.learning_rate`` (DDPM's recipe), then constant, or with
+  ``optim.decay_steps`` > 0 linearly down to zero over that many steps (progressive
+  distillation's per-stage schedule). A constant rate is a float: Adam then keeps no count."""
+  warmup, decay = optim.warmup_steps, optim.get('decay_steps', 0)
+  if warmup <= 0 and decay <= 0:
+    return optim.learning_rate
+  pieces, boundaries = [], []
+  if warmup > 0:
+    pieces.append(optax.linear_schedule(0.0, optim.learning_rate, warmup))
+    boundaries.append(warmup)
+  pieces.append(optax.linear_schedule(optim.learning_rate, 0.0, decay) if decay > 0
+                else optax.constant_schedule(optim.learning_rate))
+  return pieces[0] if len(pieces) == 1 else optax.join_schedules(pieces, boundaries)
+
+
 def make_optimizer(optim) -> optax.GradientTransformation:
-  """Clip by global norm, then Adam with a linear warm-up to a constant rate (DDPM's recipe)."""
-  learning_rate = optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps) \
-      if optim.warmup_steps > 0 else optim.learning_rate
+  """Clip by global norm, then Adam at ``learning_rate_schedule(optim)``."""
+  learning_rate = learning_rate_schedule(optim)
   return optax.chain(optax.clip_by_global_norm(optim.grad_clip),
                      optax.adam(learning_rate, b1=optim.b1, b2=optim.b2, eps=optim.eps))
 
@@ -50,9 +65,15 @@ def create_train_state(model, tx, seed: int, example_shape, loss_history=None) -
   x = jnp.zeros((1,) + tuple(example_shape), jnp.float32)
   labels = jnp.zeros((1,), jnp.int32) if model.num_classes else None
   params = model.init(init_key, x, jnp.zeros((1,), jnp.int32), labels)['params']
+  return state_from_params(params, tx, state_key, loss_history)
+
+
+def state_from_params(params, tx, key, loss_history=None) -> TrainState:
+  """A state at step 0 whose parameters and EMA are ``params`` (a new run's, or a teacher's for
+  its student), with fresh optimiser state and the training key ``key``."""
   zero = jnp.zeros((), jnp.int32)
   return TrainState(step=zero, params=params, ema_params=params, opt_state=tx.init(params),
-                    key=state_key, nonfinite_total=zero, nonfinite_streak=zero,
+                    key=key, nonfinite_total=zero, nonfinite_streak=zero,
                     loss_history=loss_history)
 
 
@@ -143,13 +164,25 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, target: s
                                  loss_history=state.loss_history, loss_mask=loss_mask)
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  loss_history = state.loss_history
+  if loss_history is not None:
+    loss_history = losses.update_loss_history(loss_history, aux['t'], aux['per_example'])
+  return apply_gradients(state, batch, loss, grads, tx=tx, ema_decay=ema_decay,
+                         loss_history=loss_history)
+
+
+def apply_gradients(state: TrainState, batch: dict, loss, grads, *, tx, ema_decay: float,
+                    loss_history=None):
+  """The optimiser and EMA update of one step; returns (state, metrics).
+
+  A non-finite loss or gradient leaves params, optimiser state, EMA and ``loss_history``
+  unchanged and is counted; ``batch['stop']`` comes back as ``metrics['stop']`` (see
+  train_step).
+  """
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema_params,
                             params)
-  loss_history = state.loss_history
-  if loss_history is not None:
-    loss_history = losses.update_loss_history(loss_history, aux['t'], aux['per_example'])
   finite = jnp.isfinite(loss) & _all_finite(grads)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
   state = state.replace(
@@ -178,3 +211,24 @@ def make_train_step(config, model, tx, schedule, state_sharding, batch_sharding,
       mask_mix=(tuple(config.training.mask_mix) if config_lib.observed_input(config) else None))
   return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                  out_shardings=(state_sharding, metrics_sharding), donate_argnums=0)
+
+
+def distill_step(state: TrainState, batch: dict, teacher_params, *, model, tx, grid,
+                 teacher_prediction: str, student_prediction: str, clip_x0: bool,
+                 ema_decay: float, random_flip: bool):
+  """One progressive-distillation update of the student in ``state`` from a global batch
+  {'x': [B, ...]}: it learns one DDIM step of ``grid`` from two of the teacher (the same
+  network, at ``teacher_params``). Returns (state, metrics) as ``train_step`` does."""
+  flip_key, loss_key = jax.random.split(jax.random.fold_in(state.key, state.step))
+  x0 = flip_images(flip_key, batch['x']) if random_flip else batch['x']
+  teacher_fn = lambda x_t, t: model_apply(model, teacher_params, x_t, t)
+
+  def loss_fn(params):
+    student_fn = lambda p, x_t, t, key: model_apply(model, p, x_t, t, None, True, key)
+    return distillation.distillation_loss(
+        student_fn, params, teacher_fn, x0, loss_key, grid,
+        teacher_prediction=teacher_prediction, student_prediction=student_prediction,
+        clip_x0=clip_x0)
+
+  (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  return apply_gradients(state, batch, loss, grads, tx=tx, ema_decay=ema_decay)

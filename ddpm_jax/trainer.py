@@ -41,13 +41,14 @@ def prepare_workdir(workdir: pathlib.Path, config) -> None:
 class Progress:
   """A tqdm bar on a terminal, plain log lines elsewhere: step, loss, steps/s, images/s, ETA."""
 
-  def __init__(self, start: int, total: int, batch_size: int):
-    self.total, self.batch_size = total, batch_size
+  def __init__(self, start: int, total: int, batch_size: int, label: str = ''):
+    self.total, self.batch_size, self.label = total, batch_size, label
     self.start_step, self.start_time = start, time.time()
     self.bar = None
     if sys.stderr.isatty():
       from tqdm import tqdm
-      self.bar = tqdm(total=total, initial=start, unit='step', dynamic_ncols=True)
+      self.bar = tqdm(total=total, initial=start, unit='step', dynamic_ncols=True,
+                      desc=label or None)
 
   def update(self, step: int, metrics: dict) -> str:
     elapsed = time.time() - self.start_time
@@ -59,7 +60,7 @@ class Progress:
       self.bar.set_postfix(fields, refresh=True)
       return ''
     eta_text = time.strftime('%H:%M:%S', time.gmtime(eta)) if math.isfinite(eta) else '?'
-    line = (f'step {step}/{self.total}  loss {fields["loss"]}  {rate:.2f} steps/s  '
+    line = (f'{self.label + ": " if self.label else ""}step {step}/{self.total}  loss {fields["loss"]}  {rate:.2f} steps/s  '
             f'{fields["img_per_s"]} images/s  ETA {eta_text}')
     print(line, flush=True)
     return line
@@ -160,12 +161,27 @@ def train_and_evaluate(config, workdir) -> train_state.TrainState:
   init = train_state.initial_state_fn(config, model, tx, schedule, example_shape)
   data_iter = input_pipeline.make_iterator(source, config.training.batch_size,
                                            config.training.seed)
+  make_step = lambda state_sharding, batch_sharding, replicated: train_state.make_train_step(
+      config, model, tx, schedule, state_sharding, batch_sharding, replicated)
+  return run_in_workdir(config, workdir, mesh, model, init, data_iter, info.stats, make_step)
+
+
+def run_in_workdir(config, workdir: pathlib.Path, mesh, model, init, data_iter, data_stats,
+                   make_step, label: str = '') -> train_state.TrainState:
+  """Writes (or checks) ``workdir``'s config.json, then ``train_loop`` with orbax's log in
+  train.log."""
   prepare_workdir(workdir, config)
   with run_log.LibraryLogToFile(_library_log(workdir)):
-    return _train(config, workdir, mesh, model, tx, schedule, init, data_iter, info.stats)
+    return train_loop(config, workdir, mesh, model, init, data_iter, data_stats, make_step,
+                      label)
 
 
-def _train(config, workdir, mesh, model, tx, schedule, init, data_iter, data_stats):
+def train_loop(config, workdir, mesh, model, init, data_iter, data_stats, make_step,
+               label: str = '') -> train_state.TrainState:
+  """Steps ``make_step(state_sharding, batch_sharding, metrics_sharding)`` (a jitted
+  ``(state, batch) -> (state, metrics)``) from ``init()`` or the newest checkpoint in
+  ``workdir`` to ``config.training.num_steps``, with checkpoints, progress (``label`` first),
+  sample grids and digits quality as ``config.training`` asks; returns the final state."""
   training = config.training
   main = sharding.is_main_process()
   replicated = sharding.replicated(mesh)
@@ -189,15 +205,14 @@ def _train(config, workdir, mesh, model, tx, schedule, init, data_iter, data_sta
     extras = {'data_order': {'batch_size': training.batch_size, 'seed': training.seed}}
     if data_stats:
       extras['data_stats'] = data_stats
-    step_fn = train_state.make_train_step(config, model, tx, schedule, state_sharding,
-                                          batch_sharding, replicated)
+    step_fn = make_step(state_sharding, batch_sharding, replicated)
     sample_fn = inference.make_sample_fn(model, config, data_stats)
     sample_key = train_state.run_keys(training.seed)[2]
     classifier = digits_quality.load_classifier() if training.eval_every else None
 
     step = int(state.step)
     metrics_log = run_log.MetricsLog(workdir, step, write=main)
-    progress = Progress(step, training.num_steps, training.batch_size) if main else None
+    progress = Progress(step, training.num_steps, training.batch_size, label) if main else None
     if main:
       print(f'training {workdir} from step {step} to {training.num_steps} on '
             f'{jax.device_count()} {jax.devices()[0].platform} device(s) in '
