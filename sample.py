@@ -15,10 +15,12 @@ flags.DEFINE_string('out', '', 'Output folder (default: <workdir>/generated/<met
 flags.DEFINE_integer('num_samples', 64, 'How many samples.')
 flags.DEFINE_string('method', '', 'ddpm | ddim | dpm_solver++ | dpm_solver++3m | heun | '
                     'euler_maruyama | ode (default: the config\'s sampling.method).')
-flags.DEFINE_string('spacing', '', 'Step spacing: uniform | quadratic | logsnr | karras, as the '
-                    'method takes them (default: the config\'s, else the method\'s own).')
+flags.DEFINE_string('spacing', '', 'Step spacing: uniform | quadratic | logsnr | karras | '
+                    'trailing, as the method takes them (default: the config\'s, else the '
+                    'method\'s own).')
 flags.DEFINE_float('rho', 0.0, 'karras spacing: rho (default: the config\'s sampling.rho, 7).')
-flags.DEFINE_integer('num_steps', 0, 'Reverse steps (default: the config\'s; ddpm takes all T).')
+flags.DEFINE_integer('num_steps', 0, 'Reverse steps (default: the config\'s; ddpm takes all T). '
+                     'For a distillation run (distill.py): which student, by its steps.')
 flags.DEFINE_float('eta', -1.0, 'DDIM eta in [0, 1] (default: the config\'s).')
 flags.DEFINE_integer('seed', 0, 'Random seed; the same seed reproduces the same samples.')
 flags.DEFINE_integer('batch_size', 0, 'Samples per device call (default: sampling.batch_size).')

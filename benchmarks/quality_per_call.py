@@ -2,13 +2,15 @@
 
   python benchmarks/quality_per_call.py --ckpt=runs/digits                 # FD and confidence
   python benchmarks/quality_per_call.py --ckpt=runs/digits --fid_cells=ddim:50,heun:11
+  python benchmarks/quality_per_call.py --ckpt=runs/digits --distilled=runs/digits_distilled
 
 For ddim, dpm_solver++, dpm_solver++3m (each on its default spacing), dpm_solver++ and heun on
 Karras spacing, at 1, 2, 4, 8, 10, 20 and 50 calls (heun makes 2 N - 1: the largest N within
 the budget; plus heun at 6 steps, 11 calls), it draws --num_samples samples (fixed seed) and
 scores them with the digits classifier (digits FD, lower is better, and mean confidence; see
 ddpm_jax.digits_quality) and, for the cells named in --fid_cells (route:calls, FID is slow on
-a CPU: about 80 s per 500 images), FID against all 1,797 digits. Writes
+a CPU: about 80 s per 500 images), FID against all 1,797 digits. --distilled adds each
+finished student of a distillation run (distill.py), sampled with its own steps. Writes
 benchmarks/results/quality_per_call.md and quality_per_call.png (FD against calls, log x).
 """
 
@@ -32,6 +34,8 @@ flags.DEFINE_integer('seed', 0, 'Sampling seed (the same for every cell).')
 flags.DEFINE_string('fid_cells', '', 'Comma-separated route:calls cells that also get FID, e.g. '
                     'ddim:50,heun:11 (route names as in the table: ddim, dpm_solver++, '
                     'dpm_solver++3m, dpm_solver++/karras, heun).')
+flags.DEFINE_string('distilled', '', 'A distillation workdir (distill.py) of --ckpt: its '
+                    'students become the route "distilled".')
 flags.mark_flags_as_required(['ckpt'])
 
 RESULTS = REPO / 'benchmarks' / 'results'
@@ -62,8 +66,12 @@ def main(argv):
   for route in ROUTES:
     steps = {steps_for(route[1], calls) for calls in CALLS} | ({6} if route[0] == 'heun' else set())
     cells += [(route, n) for n in sorted(steps)]
+  students = inference.finished_students(f.distilled) if f.distilled else {}
+  cells += [(('distilled', 'ddim', 'trailing'), n) for n in sorted(students)]
   for (name, method, spacing), steps in cells:
-    samples = inference.sample_in_batches(sample_fn, params, jax.random.key(f.seed),
+    route_fn, route_params = (inference.load_sampler(students[steps]) if name == 'distilled'
+                              else (sample_fn, params))
+    samples = inference.sample_in_batches(route_fn, route_params, jax.random.key(f.seed),
                                           f.num_samples, f.num_samples, method=method,
                                           num_steps=steps, spacing=spacing)
     uint8 = np.round(samples * 255).astype(np.uint8)
@@ -80,7 +88,8 @@ def main(argv):
   machine = f'{platform.machine()}, {jax.device_count()} {jax.devices()[0].platform} device(s)'
   lines = [f'Measured {datetime.date.today()} on {machine}: `python benchmarks/'
            f'quality_per_call.py --ckpt={f.ckpt}' + (f' --fid_cells={f.fid_cells}'
-                                                     if f.fid_cells else '') + '`, run at '
+                                                     if f.fid_cells else '')
+           + (f' --distilled={f.distilled}' if f.distilled else '') + '`, run at '
            f'checkpoint {sample_fn.step}, {f.num_samples} samples per cell, seed {f.seed}. '
            'Digits FD (lower is better) and confidence from ddpm_jax.digits_quality; FID '
            'against all 1,797 digits (pytorch-fid protocol) where computed.', '',

@@ -100,7 +100,8 @@ def generate(ckpt: str, out: str, *, num_samples: int = 64, method: str = '',
   """
   if num_samples < 1:
     raise InputError(f'--num_samples must be at least 1, got {num_samples}')
-  sample_fn, params = inference.load_sampler(ckpt)
+  # A distillation workdir: --num_steps picks its student (default: the fewest steps).
+  sample_fn, params = inference.load_sampler(ckpt, student_steps=num_steps or None)
   config = sample_fn.config
   # Validated before anything is written: sample_fn checks the same again per batch.
   method, num_steps, steps = inference.resolve_method(
@@ -139,8 +140,8 @@ def generate(ckpt: str, out: str, *, num_samples: int = 64, method: str = '',
   finally:
     progress.close()
   elapsed = time.time() - start
-  print(f'{num_samples} samples from checkpoint {sample_fn.step} with {method} '
-        f'({steps} steps) in {elapsed:.1f} s, compilation included')
+  print(f'{num_samples} samples from {sample_fn.workdir} (checkpoint {sample_fn.step}) with '
+        f'{method} ({steps} steps) in {elapsed:.1f} s, compilation included')
   file_checks.create_output_folder(out)
 
   if config_lib.is_series(config):

@@ -253,6 +253,43 @@ def resolve_checkpoint(path) -> tuple[pathlib.Path, Optional[int]]:
   return path, None
 
 
+# A distillation workdir (ddpm_jax.distiller) holds one run per stage: students/<N>_steps/,
+# each with STAGE_DONE once its stage has finished.
+STUDENTS = 'students'
+STAGE_DONE = 'distilled.json'
+
+
+def student_folder(workdir, num_steps: int) -> pathlib.Path:
+  return pathlib.Path(workdir) / STUDENTS / f'{num_steps}_steps'
+
+
+def finished_students(workdir) -> dict:
+  """{steps: folder} of the finished stages of a distillation workdir."""
+  folder = pathlib.Path(workdir) / STUDENTS
+  found = {}
+  if folder.is_dir():
+    for path in folder.iterdir():
+      steps = path.name[:-len('_steps')]
+      if path.name.endswith('_steps') and steps.isdigit() and (path / STAGE_DONE).is_file():
+        found[int(steps)] = path
+  return found
+
+
+def pick_student(workdir, num_steps: Optional[int]) -> pathlib.Path:
+  """The finished student of a distillation workdir with ``num_steps`` steps (None: the one
+  with the fewest)."""
+  found = finished_students(workdir)
+  if not found:
+    raise FileNotFoundError(f'{workdir} is a distillation run whose first stage has not finished '
+                            f'yet; sample one of {workdir / STUDENTS}/*/ or wait')
+  if num_steps is None:
+    return found[min(found)]
+  if num_steps not in found:
+    raise InputError(f'{workdir} has students for {", ".join(map(str, sorted(found)))} steps; '
+                     f'--num_steps={num_steps} is none of them')
+  return found[num_steps]
+
+
 def check_finite_params(params, source: str) -> None:
   """One line naming the first parameter with a NaN or infinity (a downloaded run, say), which
   would otherwise sample black images without a word."""
@@ -264,10 +301,12 @@ def check_finite_params(params, source: str) -> None:
                      'not usable (train it again, or use an earlier checkpoint)')
 
 
-def load_sampler(path, step: Optional[int] = None):
+def load_sampler(path, step: Optional[int] = None, student_steps: Optional[int] = None):
   """Loads the EMA parameters of a training run and a jitted sample_fn for them.
 
-  ``path``: the workdir, ``<workdir>/checkpoints`` or one ``<workdir>/checkpoints/<step>``.
+  ``path``: the workdir, ``<workdir>/checkpoints`` or one ``<workdir>/checkpoints/<step>``. A
+  distillation workdir stands for its finished student of ``student_steps`` steps (None: the
+  fewest), whose config samples with its own step count.
   Without a step, the newest checkpoint that restores is used (a damaged newer one is reported
   and skipped; nothing is renamed). The parameters are placed on every local device (on every
   device of every process in a multi-process run), whatever topology wrote them. Returns
@@ -279,6 +318,8 @@ def load_sampler(path, step: Optional[int] = None):
   compilation_cache.enable()
   cpu_backend.configure()
   workdir, path_step = resolve_checkpoint(path)
+  if (workdir / STUDENTS).is_dir():
+    workdir = pick_student(workdir, student_steps)
   config = config_lib.read_workdir_config(workdir)
   model = create_model(config)
   abstract = train_state.abstract_state(config, model)

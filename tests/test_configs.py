@@ -6,7 +6,7 @@ import importlib
 import jax
 import pytest
 
-from ddpm_jax import config_lib, train_state
+from ddpm_jax import config_lib, distiller, train_state
 from ddpm_jax.models import create_model
 from tests.helpers import REPO_ROOT
 
@@ -16,11 +16,11 @@ SHAPES = {'digits': ((8, 8, 1), 10), 'cifar10': ((32, 32, 3), 10), 'mnist': ((28
 
 
 def test_the_list_is_every_config():
-  assert CONFIGS == ['cifar10', 'default', 'digits', 'digits_cond', 'mnist', 'power',
+  assert CONFIGS == ['cifar10', 'default', 'digits', 'digits_cond', 'distill', 'mnist', 'power',
                      'power_small']
 
 
-@pytest.mark.parametrize('name', CONFIGS)
+@pytest.mark.parametrize('name', [name for name in CONFIGS if name != 'distill'])
 def test_config_resolves_and_builds_its_model_and_state(name):
   config = importlib.import_module(f'configs.{name}').get_config()
   if config_lib.is_series(config):
@@ -37,3 +37,23 @@ def test_config_resolves_and_builds_its_model_and_state(name):
   assert (state.loss_history is None) == (resolved.diffusion.timestep_sampling == 'uniform')
   assert model.num_classes == resolved.model.num_classes
   assert resolved.data.channels == shape[-1]  # filled in from the data where left at 0
+
+
+def test_the_distill_config_makes_student_configs_of_a_digits_run():
+  distill = importlib.import_module('configs.distill').get_config()
+  teacher = config_lib.resolve(importlib.import_module('configs.digits').get_config(), (8, 8, 1),
+                               10)
+  assert distiller.stage_steps(distill.distill) == [32, 16, 8, 4, 2, 1]
+  student = distiller.student_config(teacher, distill, 4, 2, {'path': 'runs/digits'})
+  assert (student.sampling.method, student.sampling.num_steps, student.sampling.spacing) == \
+      ('ddim', 4, 'trailing')
+  assert student.diffusion.target == 'v' and teacher.diffusion.target == 'eps'  # a copy
+  assert student.training.eval_steps == 4 and student.training.eval_every == \
+      distill.distill.steps_per_stage
+  model = create_model(student)
+  state = train_state.abstract_state(student, model)
+  assert jax.tree.structure(state.params) == jax.tree.structure(
+      train_state.abstract_state(teacher, model).params)
+  rate = train_state.learning_rate_schedule(student.optim)
+  assert float(rate(0)) == pytest.approx(distill.optim.learning_rate)
+  assert float(rate(distill.distill.steps_per_stage)) == 0.0
