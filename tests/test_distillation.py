@@ -10,6 +10,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as nn
 import optax
 import pytest
 
@@ -17,7 +18,6 @@ from configs import distill as distill_config
 from ddpm_jax import (distillation, distiller, inference, sampling, schedules, train_state,
                       trainer)
 from ddpm_jax.errors import InputError
-from ddpm_jax.models import create_model
 from tests.analytic import gaussian_mixture_eps
 from tests.helpers import REPO_ROOT, error_lines, run_script, tiny_config
 
@@ -93,39 +93,45 @@ def test_a_student_that_is_two_teacher_steps_has_zero_loss():
   np.testing.assert_allclose(float(wrong), 0.05 ** 2, rtol=1e-3)
 
 
+class TinyNet(nn.Module):
+  """A two-layer network of x and t, small enough to compile in a moment."""
+  num_classes: int = 0
+
+  @nn.compact
+  def __call__(self, x, t, labels=None, train=False):
+    features = jnp.sin(t[:, None] / 100.0 * jnp.arange(1, 9))
+    h = nn.gelu(nn.Dense(64)(jnp.concatenate([x.reshape(len(x), -1), features], -1)))
+    return nn.Dense(x[0].size)(h).reshape(x.shape)
+
+
 def test_distilling_a_tiny_network_brings_one_step_closer_to_two_teacher_steps():
-  config = tiny_config()
-  config.data.image_size, config.data.channels = 8, 1
-  model = create_model(config)
+  model = TinyNet()
   schedule = schedules.linear(100, 1e-4, 0.2)
-  tx = optax.adam(3e-3)
-  teacher = train_state.create_train_state(model, tx, 0, (8, 8, 1)).params
+  tx = optax.adam(2e-3)
+  teacher = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)))['params']
   grid = distillation.stage_grid(schedule, 2)
-  z = jax.random.normal(jax.random.key(1), (32, 8, 8, 1))
-  ks = jnp.zeros((32,), jnp.int32)  # the first student step, from t = T - 1
-  target = distillation.distillation_target(
-      lambda x, t: model.apply({'params': teacher}, x, t), z, ks, grid,
-      teacher_prediction='v', student_prediction='v', clip_x0=False)
-
-  def distance(params):
-    out = model.apply({'params': params}, z, jnp.full((32,), grid.t[0]))
-    return float(jnp.mean((out - target) ** 2))
-
+  data = jax.random.uniform(jax.random.key(3), (64, 8, 8, 1), minval=-1, maxval=1)
+  teacher_fn = lambda x, t: model.apply({'params': teacher}, x, t)
+  # The distillation loss on noise and steps that training never draws: the mean squared
+  # distance of the student's one step to the teacher's two, in v.
+  distance = jax.jit(lambda params: distillation.distillation_loss(
+      lambda p, x, t, key: model.apply({'params': p}, x, t), params, teacher_fn, data,
+      jax.random.key(99), grid, teacher_prediction='v', student_prediction='v',
+      clip_x0=False)[0])
   state = train_state.state_from_params(teacher, tx, jax.random.key(2))
   step = jax.jit(lambda s, b: train_state.distill_step(
       s, b, teacher, model=model, tx=tx, grid=grid, teacher_prediction='v',
       student_prediction='v', clip_x0=False, ema_decay=0.0, random_flip=False))
-  data = jax.random.uniform(jax.random.key(3), (32, 8, 8, 1), minval=-1, maxval=1)
-  before = distance(state.params)
-  for _ in range(60):
+  before = float(distance(state.params))
+  for _ in range(200):
     state, metrics = step(state, {'x': data})
   assert bool(metrics['finite'])
-  assert distance(state.params) < 0.5 * before
+  assert float(distance(state.params)) < 0.6 * before  # 0.44 here
 
 
-# Students of 4, 2 and 1 steps from 8 teacher steps, 4 updates per stage: docs/distillation.md's
+# Students of 4 and 2 steps from 8 teacher steps, 4 updates per stage: docs/distillation.md's
 # commands at test size, on the tiny teacher of the fixture.
-TEST_SIZE = dict(start_steps=8, final_steps=1, steps_per_stage=4)
+TEST_SIZE = dict(start_steps=8, final_steps=2, steps_per_stage=4)
 TEST_TRAINING = dict(batch_size=8, log_every=2, checkpoint_every=2, keep_checkpoints=3,
                      num_sample_images=4, eval_quality=False)
 
@@ -162,7 +168,7 @@ def _leaves_close(a, b, rtol=1e-6):
 
 def test_stages_are_runs_and_a_resumed_distillation_equals_an_uninterrupted_one(
     teacher, straight, tmp_path):
-  assert sorted(straight) == [1, 2, 4]
+  assert sorted(straight) == [2, 4]
   for steps, folder in straight.items():
     saved = json.loads((folder / 'config.json').read_text())
     assert saved['sampling']['num_steps'] == steps and saved['sampling']['spacing'] == 'trailing'
@@ -174,16 +180,16 @@ def test_stages_are_runs_and_a_resumed_distillation_equals_an_uninterrupted_one(
   resumed = tmp_path / 'resumed'
   distiller.distill(config, str(teacher), str(resumed))
   # As if killed (kill -9) during the last stage's step 3: only its checkpoint 2 is complete.
-  last = inference.student_folder(resumed, 1)
+  last = inference.student_folder(resumed, 2)
   (last / inference.STAGE_DONE).unlink()
   shutil.rmtree(last / 'checkpoints' / '4')
   distiller.distill(config, str(teacher), str(resumed))
-  for steps in (4, 2, 1):
+  for steps in (4, 2):
     _leaves_close(_params(straight[steps]), _params(inference.student_folder(resumed, steps)))
 
-  # The workdir stands for its 1-step student, which samples with one DDIM call.
+  # The workdir stands for its fewest-step student, which samples with its own steps.
   sample_fn, params = inference.load_sampler(resumed)
-  assert sample_fn.config.sampling.num_steps == 1 and sample_fn.workdir == last
+  assert sample_fn.config.sampling.num_steps == 2 and sample_fn.workdir == last
   assert sample_fn.config.sampling.method == 'ddim'
   images = sample_fn(params, jax.random.key(0), 3)
   assert images.shape == (3, 8, 8, 1) and np.isfinite(np.asarray(images)).all()
@@ -208,11 +214,11 @@ def test_the_docs_commands_on_two_devices_give_the_students_and_sample_py_picks_
   two_devices = {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
   result = run_script(*commands[0][1:], *overrides, env=two_devices)
   assert result.returncode == 0, result.stderr[-2000:]
-  assert 'stage 3/3 (2 -> 1 steps)' in result.stdout and '2 cpu device(s)' in result.stdout
-  assert sorted(inference.finished_students(workdir)) == [1, 2, 4]
+  assert 'stage 2/2 (4 -> 2 steps)' in result.stdout and '2 cpu device(s)' in result.stdout
+  assert sorted(inference.finished_students(workdir)) == [2, 4]
   # The batch split over two devices: the students of the one-device run.
-  _leaves_close(_params(inference.student_folder(workdir, 1)), _params(straight[1]), 1e-4)
-  for command, steps in ((commands[1], 1), (commands[2], 4)):
+  _leaves_close(_params(inference.student_folder(workdir, 2)), _params(straight[2]), 1e-4)
+  for command, steps in ((commands[1], 2), (commands[2], 4)):
     result = run_script(*command[1:], '--num_samples=4')
     assert result.returncode == 0, result.stderr[-2000:]
     out = pathlib.Path(dict(arg[2:].split('=', 1) for arg in command[2:])['out'])
@@ -220,7 +226,7 @@ def test_the_docs_commands_on_two_devices_give_the_students_and_sample_py_picks_
     assert f'students/{steps}_steps (checkpoint 4) with ddim ({steps} steps)' in result.stdout
   result = run_script('sample.py', f'--ckpt={workdir}', '--num_steps=3', f'--out={tmp_path}/x')
   assert result.returncode == 1
-  assert error_lines(result)[-1].endswith('has students for 1, 2, 4 steps; --num_steps=3 is '
+  assert error_lines(result)[-1].endswith('has students for 2, 4 steps; --num_steps=3 is '
                                           'none of them')
 
 
