@@ -1,7 +1,9 @@
 """Every field the trainer and samplers read, with defaults; other configs override a few.
 
 Sections: data, model, diffusion, optim, training, sampling. Alone it trains the small model
-on the offline digits set:
+on the offline digits set with configs/digits.py's recipe (5,000 steps, Adam 1e-3 after 200
+warm-up steps, EMA 0.995; readable digits in 8-13 minutes on a 2-core CPU), without the
+periodic digits scores:
 
   python train.py --config=configs/default.py --workdir=runs/default
 """
@@ -81,18 +83,18 @@ def get_config():
   ))
 
   config.optim = ml_collections.ConfigDict(dict(
-      learning_rate=2e-4,
-      warmup_steps=5000,
+      learning_rate=1e-3,
+      warmup_steps=200,
       decay_steps=0,  # > 0: after warm-up, linearly down to 0 over this many steps
       grad_clip=1.0,
       b1=0.9,
       b2=0.999,
       eps=1e-8,
-      ema_decay=0.9999,
+      ema_decay=0.995,  # the run's last ~200 updates; the paper's 0.9999 suits 800k steps
   ))
 
   config.training = ml_collections.ConfigDict(dict(
-      num_steps=3000,
+      num_steps=5000,
       batch_size=64,  # global, over all devices and hosts
       seed=0,
       # Periods in steps; each also happens at the last step, and 0 means only then.

@@ -89,6 +89,9 @@ def resolve(config, example_shape: tuple, num_classes: int) -> ml_collections.Co
   resolved = ml_collections.ConfigDict(config.to_dict())
   check_limits(resolved)
   data = resolved.data
+  for field in ('path', 'data_dir'):  # a run's config.json must find its data from any folder
+    if data.get(field):
+      data[field] = str(pathlib.Path(data[field]).expanduser().absolute())
   if resolved.training.eval_every and data.name != 'digits':
     raise InputError(f'training.eval_every measures digits samples, but the data is {data.name}; '
                      'set --config.training.eval_every=0 and score images with sample.py --eval')
@@ -116,6 +119,25 @@ def resolve(config, example_shape: tuple, num_classes: int) -> ml_collections.Co
     raise InputError(f'the {data.name} data has {num_classes} classes but '
                      f'model.num_classes={resolved.model.num_classes}')
   return resolved
+
+
+def training_warnings(config) -> list[str]:
+  """One line for each setting that trains without error but leaves the run worse than it
+  looks: a warm-up longer than the run, or an EMA (what sample.py uses) that would still hold
+  much of the initial random weights at the end."""
+  optim, steps = config.optim, config.training.num_steps
+  lines = []
+  if optim.warmup_steps > steps:
+    lines.append(f'optim.warmup_steps={optim.warmup_steps} is longer than the run '
+                 f'(training.num_steps={steps}): the learning rate never reaches '
+                 f'optim.learning_rate={optim.learning_rate:g}')
+  initial_share = optim.ema_decay ** steps if 0 < optim.ema_decay < 1 else 0.0
+  if initial_share > 0.05:
+    suggested = 1 - 10 / steps if steps > 10 else 0.0
+    lines.append(f'with optim.ema_decay={optim.ema_decay:g} the EMA parameters that sample.py '
+                 f'uses are still {initial_share:.0%} initial random weights after {steps} steps;'
+                 f' set --config.optim.ema_decay={suggested:.4g} or train longer')
+  return lines
 
 
 def observed_input(config) -> bool:

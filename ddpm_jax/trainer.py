@@ -153,6 +153,9 @@ def train_and_evaluate(config, workdir) -> train_state.TrainState:
   source = input_pipeline.create_source(config.data, seed=config.training.seed)
   info = source.info()
   config = config_lib.resolve(config, info.shape, info.num_classes)
+  if sharding.is_main_process():
+    for line in config_lib.training_warnings(config):
+      print(f'warning: {line}', flush=True)
   model = create_model(config)
   example_shape = config_lib.data_shape(config)
   model.check_input((1,) + tuple(example_shape))

@@ -57,3 +57,28 @@ def test_the_distill_config_makes_student_configs_of_a_digits_run():
   rate = train_state.learning_rate_schedule(student.optim)
   assert float(rate(0)) == pytest.approx(distill.optim.learning_rate)
   assert float(rate(distill.distill.steps_per_stage)) == 0.0
+
+
+def test_a_warm_up_longer_than_the_run_or_a_slow_ema_is_a_one_line_warning():
+  for name in CONFIGS:  # every config, the defaults alone included, trains without a trap
+    config = importlib.import_module(f'configs.{name}').get_config()
+    if 'data' in config:
+      assert config_lib.training_warnings(config) == [], name
+  config = importlib.import_module('configs.default').get_config()
+  config.optim.update(warmup_steps=5000, ema_decay=0.9999)
+  config.training.num_steps = 3000
+  lines = config_lib.training_warnings(config)
+  assert len(lines) == 2 and 'never reaches optim.learning_rate=0.001' in lines[0]
+  # 0.9999 ** 3000 = 0.741: the share of the initial weights left in the final EMA.
+  assert 'still 74% initial random weights after 3000 steps' in lines[1]
+  assert lines[1].endswith('set --config.optim.ema_decay=0.9967 or train longer')
+
+
+def test_a_run_stores_its_data_path_absolute_without_changing_the_callers_config(tmp_path,
+                                                                                 monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  config = importlib.import_module('configs.power_small').get_config()
+  config.data.path = 'data/ETTh1.csv'
+  resolved = config_lib.resolve(config, (config.data.window, 7), 0)
+  assert resolved.data.path == str(tmp_path / 'data' / 'ETTh1.csv')
+  assert config.data.path == 'data/ETTh1.csv'
