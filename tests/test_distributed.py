@@ -74,6 +74,7 @@ def _assert_same_params(a, b, rtol=1e-4):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=1e-6)
 
 
+@pytest.mark.slow  # two minutes of two-process training: with the long runs
 def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
   args = ['--config.training.num_steps=4', '--config.training.sample_every=2']
   processes = _start_processes(2, args + [f'--workdir={tmp_path / "two"}'])
