@@ -103,10 +103,10 @@ def prepare_workdir(workdir: pathlib.Path, record: dict) -> None:
     raise InputError(f'--workdir {workdir} holds a training run, not a distillation; choose a '
                      f'new folder')
   if path.is_file():
-    saved = json.loads(path.read_text())
-    if saved != json.loads(text):
-      diffs = [key for key in sorted(set(saved) | set(record)) if saved.get(key) !=
-               json.loads(text).get(key)]
+    saved, wanted = json.loads(path.read_text()), json.loads(text)
+    if saved != wanted:
+      diffs = [key for key in sorted(set(saved) | set(wanted))
+               if saved.get(key) != wanted.get(key)]
       raise InputError(f'{workdir} holds a distillation with other settings (differs in '
                        f'{", ".join(diffs)}); use a new --workdir or the original settings')
   sharding.barrier('distill_config_checked')
