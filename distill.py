@@ -6,27 +6,7 @@
 --config.distill.steps_per_stage=400. Rerunning with the same --workdir resumes.
 """
 
-import pathlib
-
-from absl import app, flags
-from ml_collections import config_flags
-
-from ddpm_jax import cli, distiller
-
-config_flags.DEFINE_config_file(
-    'config', str(pathlib.Path(__file__).resolve().parent / 'configs' / 'distill.py'),
-    'Path to a distillation config (configs/distill.py).', lock_config=True)
-flags.DEFINE_string('teacher', None, 'The workdir of a trained run to distil.')
-flags.DEFINE_string('workdir', '', 'Folder for the students (one run per stage).')
-flags.mark_flags_as_required(['teacher'])
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  f = flags.FLAGS
-  cli.run('distill.py', lambda: distiller.distill(f.config, f.teacher, f.workdir))
-
+from ddpm_jax.commands import distill
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  distill.run()

@@ -6,74 +6,7 @@ Writes grid.png and samples.npz (uint8 [N, H, W, C] under arr_0) for images; sam
 samples.csv and windows.png for time series.
 """
 
-from absl import app, flags
-
-from ddpm_jax import cli, generate, inference
-
-flags.DEFINE_string('ckpt', None, 'A training workdir, its checkpoints/ or one checkpoints/<step>.')
-flags.DEFINE_string('out', '', 'Output folder (default: <workdir>/generated/<method>).')
-flags.DEFINE_integer('num_samples', 64, 'How many samples.')
-flags.DEFINE_string('method', '', 'ddpm | ddim | dpm_solver++ | dpm_solver++3m | heun | '
-                    'euler_maruyama | ode (default: the config\'s sampling.method).')
-flags.DEFINE_string('spacing', '', 'Step spacing: uniform | quadratic | logsnr | karras | '
-                    'trailing, as the method takes them (default: the config\'s, else the '
-                    'method\'s own).')
-flags.DEFINE_float('rho', 0.0, 'karras spacing: rho (default: the config\'s sampling.rho, 7).')
-flags.DEFINE_integer('num_steps', 0, 'Reverse steps (default: the config\'s; ddpm takes all T). '
-                     'For a distillation run (distill.py): which student, by its steps.')
-flags.DEFINE_float('eta', -1.0, 'DDIM eta in [0, 1] (default: the config\'s).')
-flags.DEFINE_integer('seed', 0, 'Random seed; the same seed reproduces the same samples.')
-flags.DEFINE_integer('batch_size', 0, 'Samples per device call (default: sampling.batch_size).')
-flags.DEFINE_string('png_dir', '', 'Also write one PNG per sample here.')
-flags.DEFINE_bool('trajectory', False, 'Also write trajectory.png: x_t and predicted x0 along '
-                  'the reverse process.')
-flags.DEFINE_string('labels', '', 'Class labels for a class-conditional model: "3" or "0,1,2".')
-flags.DEFINE_float('guidance_scale', -1.0, 'Classifier-free guidance w: 1 conditional, 0 '
-                   'unconditional, >1 guided (default: the config\'s).')
-flags.DEFINE_bool('eval', False, 'Also write metrics.json: FID/KID against the run\'s data (images; '
-                  'digits also get the classifier scores) or metrics against real windows '
-                  '(series).')
-flags.DEFINE_string('fid_stats', '', 'With --eval: reference statistics (.npz with mu, sigma) '
-                    'instead of the run\'s data.')
-flags.DEFINE_string('inception_weights', '', 'With --eval: the FID network\'s weights (default: '
-                    '$DDPM_JAX_INCEPTION_WEIGHTS or ~/.cache/ddpm_jax/inception/).')
-flags.DEFINE_enum('task', 'generate', ['generate', 'forecast', 'impute'], 'Series runs: '
-                  'generate windows, forecast --horizon steps, or fill missing values.')
-flags.DEFINE_integer('horizon', 24, 'forecast: steps to forecast (shorter than the window).')
-flags.DEFINE_string('series', '', 'forecast / impute: the CSV to read (default: the run\'s data).')
-flags.DEFINE_integer('num_windows', 100, 'forecast / impute --eval: test windows to score.')
-flags.DEFINE_float('missing', 0.3, 'impute --eval: fraction of points hidden at random.')
-flags.DEFINE_integer('block', 0, 'impute --eval: hide one block of this many steps per window '
-                     'instead of random points.')
-flags.DEFINE_integer('season', 24, 'forecast / impute --eval: the season of the baselines '
-                     '(24 for hourly data).')
-flags.DEFINE_bool('overwrite', False, 'Write into an --out (or --png_dir) folder that holds '
-                  'files ddpm_jax did not write.')
-flags.DEFINE_bool('allow_unknown_weights', False, 'With --eval: read --inception_weights even '
-                  'if it is not one of the two known FID weight files.')
-flags.mark_flags_as_required(['ckpt'])
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  f = flags.FLAGS
-
-  def run():
-    folder = 'generated' if f.task == 'generate' else f.task + ('_eval' if f.eval else '')
-    out = f.out or str(inference.resolve_checkpoint(f.ckpt)[0] / folder / (f.method or 'default'))
-    generate.generate(f.ckpt, out, num_samples=f.num_samples, method=f.method,
-                      num_steps=f.num_steps, eta=f.eta, seed=f.seed, batch_size=f.batch_size,
-                      png_dir=f.png_dir, trajectory=f.trajectory, labels=f.labels,
-                      guidance_scale=f.guidance_scale, evaluate=f.eval,
-                      fid_stats=f.fid_stats, inception_weights=f.inception_weights,
-                      task=f.task, horizon=f.horizon, series=f.series,
-                      num_windows=f.num_windows, missing=f.missing, block=f.block,
-                      season=f.season, overwrite=f.overwrite,
-                      allow_unknown_weights=f.allow_unknown_weights, spacing=f.spacing,
-                      rho=f.rho)
-  cli.run('sample.py', run)
-
+from ddpm_jax.commands import sample
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  sample.run()

@@ -4,22 +4,7 @@ Overrides: --config.training.batch_size=64 (any field). Rerunning with the same 
 resumes from its newest complete checkpoint.
 """
 
-from absl import app, flags
-from ml_collections import config_flags
-
-from ddpm_jax import cli, trainer
-
-config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
-                                lock_config=True)
-flags.DEFINE_string('workdir', '', 'Folder for checkpoints, samples, metrics and config.json.')
-flags.mark_flags_as_required(['config'])
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  cli.run('train.py', lambda: trainer.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir))
-
+from ddpm_jax.commands import train
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  train.run()

@@ -31,7 +31,7 @@ except ImportError:
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import default  # noqa: E402
+from ddpm_jax.configs import default  # noqa: E402
 from ddpm_jax import config_lib, interop  # noqa: E402
 
 # The google/ddpm-cifar10-32 layout (benchmarks/vs_pytorch.py uses it too).

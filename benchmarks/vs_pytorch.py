@@ -40,7 +40,7 @@ import optax  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from benchmarks.diffusers_parity import CIFAR10 as CIFAR10_LAYOUT  # noqa: E402
-from configs import default  # noqa: E402
+from ddpm_jax.configs import default  # noqa: E402
 from ddpm_jax import cpu_backend, interop, schedules  # noqa: E402
 from ddpm_jax.models import model_apply  # noqa: E402
 

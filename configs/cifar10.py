@@ -13,7 +13,7 @@ throughput measurements. The paper reports FID 3.17 with 1000-step ancestral sam
 (python sample.py --ckpt=runs/cifar10 --method=ddpm --num_samples=50000).
 """
 
-from configs import default
+from ddpm_jax.configs import default
 
 
 def get_config():

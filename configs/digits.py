@@ -7,7 +7,7 @@ UNet, after ~15 s of compilation); <workdir>/samples/step_0005000.png then shows
 read. Then: python sample.py --ckpt=runs/digits --method=ddim --num_steps=50 --out=runs/digits/ddim
 """
 
-from configs import default
+from ddpm_jax.configs import default
 
 
 def get_config():

@@ -10,7 +10,7 @@ out = null + w (cond - null); 0 is unconditional, 1 plain conditional, larger sh
 at some cost in variety (the README's guidance table measures both).
 """
 
-from configs import digits
+from ddpm_jax.configs import digits
 
 
 def get_config():

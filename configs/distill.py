@@ -15,7 +15,7 @@ sample.py takes the 1-step student unless --num_steps picks another (docs/distil
 
 import ml_collections
 
-from configs import default
+from ddpm_jax.configs import default
 
 
 def get_config():

@@ -9,7 +9,7 @@ Needs MNIST prepared for tfds (ArrayRecord), once, with network:
 A GPU trains it in minutes; on a 2-core CPU expect about 0.5 s per step.
 """
 
-from configs import default
+from ddpm_jax.configs import default
 
 
 def get_config():

@@ -12,7 +12,7 @@ statistics of the training part, saved with the checkpoint, so sample.py writes 
 original units. Meant for an accelerator; configs/power_small.py runs on a laptop CPU.
 """
 
-from configs import default
+from ddpm_jax.configs import default
 
 
 def get_config():

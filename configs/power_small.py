@@ -13,7 +13,7 @@ the generation metrics, and CRPS / MAE of forecasts and imputations on the test 
 seasonal-naive, climatology, interpolation and seasonal-profile baselines.
 """
 
-from configs import power
+from ddpm_jax.configs import power
 
 
 def get_config():

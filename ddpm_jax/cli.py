@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import sys
 
 from absl import flags, logging
 
-from ddpm_jax import compilation_cache, cpu_backend, run_log
+from ddpm_jax import compilation_cache, configs, cpu_backend, run_log
 from ddpm_jax.errors import Interrupted, UserError
 
 # The project's own errors, and the OS errors of a path the user gave (missing, a file where a
@@ -17,15 +18,45 @@ USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryErr
                PermissionError, FileExistsError)
 
 
+# The installed copy of the checkout's configs/ folder.
+CONFIG_DIR = pathlib.Path(configs.__file__).resolve().parent
+
+
+def packaged_config(name: str) -> str:
+  """The path of the installed ``configs/<name>.py``."""
+  return str(CONFIG_DIR / f'{name}.py')
+
+
+def _find_configs(argv: list[str]) -> list[str]:
+  """``--config=configs/X.py`` names the installed copy where the folder holds no such file,
+  so the README's commands work from any folder after ``pip install``."""
+  found = []
+  for arg in argv:
+    name, eq, value = arg.partition('=')
+    path = pathlib.PurePath(value)
+    if (eq and name in ('--config', '-config') and len(path.parts) == 2
+        and path.parts[0] == 'configs' and not os.path.exists(value)
+        and (CONFIG_DIR / path.name).is_file()):
+      arg = f'{name}={CONFIG_DIR / path.name}'
+    found.append(arg)
+  return found
+
+
+def program_name(argv0: str = '') -> str:
+  """How errors name the running program: ``train.py``, ``ddpm-train`` or ``ddpm_jax.fid``."""
+  path = os.path.abspath(argv0 or sys.argv[0])
+  if os.path.basename(os.path.dirname(path)) == 'ddpm_jax':  # python -m ddpm_jax.X
+    return f'ddpm_jax.{os.path.splitext(os.path.basename(path))[0]}'
+  return os.path.basename(path)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing for ``app.run(main, flags_parser=parse_flags)``: a flag that does not
   exist or does not parse, a config file that does not load and a config override naming no
   field (ml_collections' suggestion kept) are one line and exit 1 instead of a traceback."""
-  path = os.path.abspath(argv[0]) if argv else 'ddpm_jax'
-  program = (f'ddpm_jax.{os.path.splitext(os.path.basename(path))[0]}'  # python -m ddpm_jax.X
-             if os.path.basename(os.path.dirname(path)) == 'ddpm_jax' else os.path.basename(path))
+  program = program_name(argv[0] if argv else 'ddpm_jax')
   try:
-    remaining = flags.FLAGS(argv)
+    remaining = flags.FLAGS(_find_configs(argv))
     for name in list(flags.FLAGS):
       # ml_collections defers a config file's load error to the first use of the config.
       try:

@@ -22,9 +22,7 @@ from ddpm_jax import cli, config_lib, inference, interop, sharding, train_state
 from ddpm_jax.checkpointing import Checkpointer
 from ddpm_jax.errors import InputError
 
-_DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'default.py'
-
-config_flags.DEFINE_config_file('config', str(_DEFAULT_CONFIG), 'Base config for the sections a '
+config_flags.DEFINE_config_file('config', cli.packaged_config('default'), 'Base config for the sections a '
                                 'diffusers folder does not describe.', lock_config=False)
 flags.DEFINE_string('from_diffusers', '', 'A diffusers UNet2DModel or pipeline folder to read.')
 flags.DEFINE_string('workdir', '', 'With --from_diffusers: the run directory to write (new).')

@@ -456,7 +456,7 @@ def load_diffusers(folder, base_config) -> tuple[ml_collections.ConfigDict, obje
   sampling set from the folder; ``params`` is the plain pytree ``make_sample_fn(model, config)``
   and ``model.apply`` take.
 
-    from configs import default
+    from ddpm_jax.configs import default
     config, model, params = interop.load_diffusers('ddpm-cifar10-32', default.get_config())
     sample_fn = ddpm_jax.make_sample_fn(model, config)
   """

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from configs import default
+from ddpm_jax.configs import default
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ import importlib
 import jax
 import pytest
 
-from ddpm_jax import config_lib, distiller, train_state
+from ddpm_jax import cli, config_lib, distiller, train_state
 from ddpm_jax.models import create_model
 from tests.helpers import REPO_ROOT
 
@@ -22,7 +22,7 @@ def test_the_list_is_every_config():
 
 @pytest.mark.parametrize('name', [name for name in CONFIGS if name != 'distill'])
 def test_config_resolves_and_builds_its_model_and_state(name):
-  config = importlib.import_module(f'configs.{name}').get_config()
+  config = importlib.import_module(f'ddpm_jax.configs.{name}').get_config()
   if config_lib.is_series(config):
     shape, classes = (config.data.window, 7), 0
   else:
@@ -40,8 +40,8 @@ def test_config_resolves_and_builds_its_model_and_state(name):
 
 
 def test_the_distill_config_makes_student_configs_of_a_digits_run():
-  distill = importlib.import_module('configs.distill').get_config()
-  teacher = config_lib.resolve(importlib.import_module('configs.digits').get_config(), (8, 8, 1),
+  distill = importlib.import_module('ddpm_jax.configs.distill').get_config()
+  teacher = config_lib.resolve(importlib.import_module('ddpm_jax.configs.digits').get_config(), (8, 8, 1),
                                10)
   assert distiller.stage_steps(distill.distill) == [32, 16, 8, 4, 2, 1]
   student = distiller.student_config(teacher, distill, 4, 2, {'path': 'runs/digits'})
@@ -61,10 +61,10 @@ def test_the_distill_config_makes_student_configs_of_a_digits_run():
 
 def test_a_warm_up_longer_than_the_run_or_a_slow_ema_is_a_one_line_warning():
   for name in CONFIGS:  # every config, the defaults alone included, trains without a trap
-    config = importlib.import_module(f'configs.{name}').get_config()
+    config = importlib.import_module(f'ddpm_jax.configs.{name}').get_config()
     if 'data' in config:
       assert config_lib.training_warnings(config) == [], name
-  config = importlib.import_module('configs.default').get_config()
+  config = importlib.import_module('ddpm_jax.configs.default').get_config()
   config.optim.update(warmup_steps=5000, ema_decay=0.9999)
   config.training.num_steps = 3000
   lines = config_lib.training_warnings(config)
@@ -77,8 +77,22 @@ def test_a_warm_up_longer_than_the_run_or_a_slow_ema_is_a_one_line_warning():
 def test_a_run_stores_its_data_path_absolute_without_changing_the_callers_config(tmp_path,
                                                                                  monkeypatch):
   monkeypatch.chdir(tmp_path)
-  config = importlib.import_module('configs.power_small').get_config()
+  config = importlib.import_module('ddpm_jax.configs.power_small').get_config()
   config.data.path = 'data/ETTh1.csv'
   resolved = config_lib.resolve(config, (config.data.window, 7), 0)
   assert resolved.data.path == str(tmp_path / 'data' / 'ETTh1.csv')
   assert config.data.path == 'data/ETTh1.csv'
+
+
+def test_config_paths_find_the_installed_copy_outside_a_checkout(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  argv = ['ddpm-train', '--config=configs/digits.py', '--config.training.num_steps=3']
+  found = cli._find_configs(argv)
+  assert found[0] == argv[0] and found[2] == argv[2]
+  assert found[1] == f'--config={cli.CONFIG_DIR / "digits.py"}'
+  assert (cli.CONFIG_DIR / 'digits.py').read_text() == (REPO_ROOT / 'configs' / 'digits.py').read_text()
+  # A file of the user's own of that name wins; a name with no installed copy is left alone.
+  (tmp_path / 'configs').mkdir()
+  (tmp_path / 'configs' / 'digits.py').write_text('')
+  assert cli._find_configs(argv) == argv
+  assert cli._find_configs(['x', '--config=configs/nosuch.py']) == ['x', '--config=configs/nosuch.py']

@@ -14,7 +14,7 @@ import flax.linen as nn
 import optax
 import pytest
 
-from configs import distill as distill_config
+from ddpm_jax.configs import distill as distill_config
 from ddpm_jax import (distillation, distiller, inference, sampling, schedules, train_state,
                       trainer)
 from ddpm_jax.errors import InputError

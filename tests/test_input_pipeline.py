@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import default
+from ddpm_jax.configs import default
 from ddpm_jax import input_pipeline
 
 

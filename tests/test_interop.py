@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from configs import default
+from ddpm_jax.configs import default
 from ddpm_jax import config_lib, inference, interop
 from tests.helpers import REPO_ROOT, error_lines, run_script
 

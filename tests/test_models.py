@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import cifar10, default
+from ddpm_jax.configs import cifar10, default
 from ddpm_jax import cpu_backend
 from ddpm_jax.models import UNet, compute_dtype, create_model
 from ddpm_jax.models.layers import Dropout16, dropout_16bit, fused_group_norm, subpixel_upsample_conv

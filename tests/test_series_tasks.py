@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from configs import default
+from ddpm_jax.configs import default
 from ddpm_jax import (generate, inference, input_pipeline, masking, metrics, sampling,
                       schedules, series_tasks, trainer)
 from tests.helpers import error_lines, run_script, skip_unless_ci, tiny_config

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import digits
+from ddpm_jax.configs import digits
 from ddpm_jax import config_lib, sharding, train_state, trainer
 from ddpm_jax.checkpointing import Checkpointer
 from ddpm_jax.models import create_model

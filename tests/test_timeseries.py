@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from configs import power_small
+from ddpm_jax.configs import power_small
 from ddpm_jax import input_pipeline, metrics, series_data
 from ddpm_jax.series_data import LazyWindows
 

@@ -23,7 +23,7 @@ from ddpm_jax import (checkpointing, cli, config_lib, file_checks, image_metrics
                       trainer)
 from ddpm_jax.errors import InputError
 from ddpm_jax.models import create_model
-from configs import default
+from ddpm_jax.configs import default
 from tests.helpers import REPO_ROOT, error_lines, run_script, tiny_config
 from tests.test_interop import _broken_copy
 
