@@ -8,7 +8,7 @@ float32 parameters, optimiser state and EMA (model.dtype='auto'; float32 on CPU)
 CIFAR-10 prepared for tfds (ArrayRecord):
   python -c "import tensorflow_datasets as tfds; tfds.builder('cifar10').download_and_prepare(file_format='array_record')"
 Meant for accelerators (any number: the global batch is split over all devices); on a 2-core
-CPU one step takes about 10 s. --config.data.name=synthetic runs it on random data for
+CPU one step takes about 45 s (docs/performance.md). --config.data.name=synthetic runs it on random data for
 throughput measurements. The paper reports FID 3.17 with 1000-step ancestral sampling
 (python sample.py --ckpt=runs/cifar10 --method=ddpm --num_samples=50000).
 """

@@ -17,9 +17,17 @@ from ddpm_jax.config_lib import MODEL_FIELD_DEFAULTS, MODEL_INPUT_DEFAULTS
 def model_small():
   """A 1.0M-parameter UNet (at one channel) for 8x8 / 16x16 images."""
   return ml_collections.ConfigDict(dict(
-      ch=32, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(4,), dropout=0.0, num_heads=1,
-      num_groups=8, num_classes=0, spatial_dims=2, dtype='float32', **MODEL_FIELD_DEFAULTS,
-      **MODEL_INPUT_DEFAULTS))
+      ch=32,  # channels of the first level
+      ch_mult=(1, 2),  # channels of each level, as multiples of ch; one downsampling between two
+      num_res_blocks=2,  # residual blocks per level
+      attn_resolutions=(4,),  # feature-map sizes (height, or length for series) with self-attention
+      dropout=0.0,  # in the residual blocks
+      num_heads=1,  # of each self-attention
+      num_groups=8,  # GroupNorm groups (must divide every level's channels)
+      num_classes=0,  # > 0: class-conditional, with a null label for classifier-free guidance
+      spatial_dims=2,  # 2: images [B, H, W, C]; 1: series windows [B, L, C]
+      dtype='float32',  # the network's arithmetic: float32 | bfloat16 | float16 | auto
+      **MODEL_FIELD_DEFAULTS, **MODEL_INPUT_DEFAULTS))
 
 
 def model_cifar10():
@@ -47,70 +55,70 @@ def get_config():
       # 'series' (data.path: a CSV/.npy/.npz long series cut into windows), or any
       # tensorflow-datasets image set by name (cifar10, mnist, fashion_mnist, ...).
       name='digits',
-      split='train',
-      path='',
+      split='train',  # tfds split to train on
+      path='',  # images / series: the file or folder to read
       data_dir='',  # tfds data_dir; '' means tfds's default (~/tensorflow_datasets)
       try_gcs=False,  # let tfds read a prepared copy from its public bucket
       image_size=0,  # height = width; 0 takes it from the data, any other value is checked
       channels=0,  # 0 takes it from the data
-      random_flip=False,
+      random_flip=False,  # horizontal flips of training images
       num_examples=1024,  # synthetic only
       # series only:
       columns='',  # comma-separated CSV column names; '' = every numeric column
-      time_column='date',
-      window=512,
-      stride=1,
+      time_column='date',  # a CSV column that orders the rows (dropped from the channels)
+      window=512,  # steps per window (a multiple of 8)
+      stride=1,  # steps between the starts of two windows
       normalization='zscore',  # or 'minmax' (to [-1, 1])
       val_fraction=0.1,  # validation part: the rows after the training part
       test_fraction=0.0,  # test part: the final rows, never trained on or used for selection
-      fill_nan=False,
+      fill_nan=False,  # True: fill NaNs by interpolation instead of refusing the series
   ))
 
   config.model = model_small()
 
   config.diffusion = ml_collections.ConfigDict(dict(
       schedule='linear',  # linear | cosine | vp_linear | vp_cosine
-      num_timesteps=1000,
-      beta_start=1e-4,
-      beta_end=0.02,
-      cosine_s=0.008,
-      vp_beta_min=0.1,
-      vp_beta_max=20.0,
+      num_timesteps=1000,  # T of the discrete schedules
+      beta_start=1e-4,  # linear: beta_1
+      beta_end=0.02,  # linear: beta_T
+      cosine_s=0.008,  # cosine (Nichol & Dhariwal): the offset s
+      vp_beta_min=0.1,  # vp_linear: beta(0) of the VP-SDE
+      vp_beta_max=20.0,  # vp_linear: beta(1)
       target='eps',  # eps | x0 | v
       weighting='simple',  # simple | snr | min_snr
-      min_snr_gamma=5.0,
+      min_snr_gamma=5.0,  # min_snr: the weight is min(SNR, gamma) (Hang et al. 2023)
       timestep_sampling='uniform',  # uniform | importance
   ))
 
   config.optim = ml_collections.ConfigDict(dict(
-      learning_rate=1e-3,
-      warmup_steps=200,
+      learning_rate=1e-3,  # Adam's, after the warm-up
+      warmup_steps=200,  # linear warm-up from 0
       decay_steps=0,  # > 0: after warm-up, linearly down to 0 over this many steps
-      grad_clip=1.0,
-      b1=0.9,
-      b2=0.999,
-      eps=1e-8,
+      grad_clip=1.0,  # global gradient norm clipping (0: off)
+      b1=0.9,  # Adam
+      b2=0.999,  # Adam
+      eps=1e-8,  # Adam
       ema_decay=0.995,  # the run's last ~200 updates; the paper's 0.9999 suits 800k steps
   ))
 
   config.training = ml_collections.ConfigDict(dict(
-      num_steps=5000,
+      num_steps=5000,  # optimiser updates
       batch_size=64,  # global, over all devices and hosts
-      seed=0,
+      seed=0,  # parameters, data order, noise: one seed for all
       # Periods in steps; each also happens at the last step, and 0 means only then.
-      log_every=50,
-      checkpoint_every=500,
-      sample_every=1000,
-      keep_checkpoints=3,
+      log_every=50,  # metrics.jsonl and the progress line
+      checkpoint_every=500,  # checkpoints (and the loss.png / quality.png redraw)
+      sample_every=1000,  # samples/step_*.png grids
+      keep_checkpoints=3,  # the newest ones kept
       max_nonfinite_steps=20,  # consecutive skipped updates before the run stops
       label_dropout=0.1,  # class-conditional only: probability of the null label
-      num_sample_images=64,
+      num_sample_images=64,  # in each samples/step_*.png grid
       # Sample quality of the EMA parameters every eval_every steps (0: off), logged to
       # metrics.jsonl, TensorBoard and quality.png. Digits only: a classifier's feature
       # Frechet distance and confidence (ddpm_jax.digits_quality) of eval_samples DDIM samples.
       eval_every=0,
-      eval_samples=500,
-      eval_steps=20,
+      eval_samples=500,  # samples per quality score
+      eval_steps=20,  # DDIM steps of those samples
       # With model.observed_input (series): the probabilities of the mask kinds of
       # ddpm_jax.masking (none, points, block, horizon) drawn for each training window.
       mask_mix=(0.25, 0.25, 0.25, 0.25),
@@ -118,10 +126,10 @@ def get_config():
 
   config.sampling = ml_collections.ConfigDict(dict(
       # ddpm | ddim | dpm_solver++ | dpm_solver++3m | heun | euler_maruyama | ode. dpm_solver++
-      # at 20 steps: benchmarks/sampler_accuracy.py and the digits FID/FD in the README.
+      # at 20 steps: why is in docs/sampling.md.
       method='dpm_solver++',
-      num_steps=20,
-      eta=0.0,
+      num_steps=20,  # reverse steps (ddpm takes all T)
+      eta=0.0,  # ddim: 0 deterministic .. 1 (DDPM-like noise)
       # For the methods that take it (ddim: uniform | quadratic | karras | trailing, the
       # nested steps distilled students take; dpm_solver++(3m):
       # logsnr | karras; heun: karras | logsnr | uniform); '' or one a method does not take:
@@ -129,13 +137,13 @@ def get_config():
       spacing='',
       rho=7.0,  # karras spacing (Karras et al. 2022)
       # heun only: EDM's stochastic churn (0: the deterministic sampler).
-      s_churn=0.0,
-      s_tmin=0.0,
-      s_tmax=1e30,
-      s_noise=1.0,
+      s_churn=0.0,  # how much noise is added per step
+      s_tmin=0.0,  # churn only between these noise levels
+      s_tmax=1e30,  # (s_tmin and s_tmax: Karras et al.'s S_tmin, S_tmax)
+      s_noise=1.0,  # scale of the added noise
       variance='small',  # ddpm: small (beta-tilde) | large (beta)
-      clip_x0=True,
-      guidance_scale=1.0,
+      clip_x0=True,  # clip predicted x0 to the data range [-1, 1] (images)
+      guidance_scale=1.0,  # classifier-free guidance w: 1 conditional, 0 unconditional, > 1 guided
       batch_size=256,  # samples per device call in sample.py
   ))
   return config

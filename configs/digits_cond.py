@@ -7,7 +7,7 @@ The digits recipe of configs/digits.py (same network, 5,000 steps, about 13 minu
 CPU) with a label embedding; one label in ten is replaced by the null label during training so
 that the same network also predicts unconditionally. sampling.guidance_scale w mixes the two:
 out = null + w (cond - null); 0 is unconditional, 1 plain conditional, larger sharpens the class
-at some cost in variety (the README's guidance table measures both).
+at some cost in variety (docs/evaluation.md's guidance table measures both).
 """
 
 from ddpm_jax.configs import digits

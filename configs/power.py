@@ -1,7 +1,7 @@
 """Windows of a long multichannel series (e.g. the ETT power-load data), 4.0M-parameter 1-D UNet.
 
   python train.py --config=configs/power.py --workdir=runs/power \
-      --config.data.path=../shared/data/ETTh1.csv --config.data.columns=HUFL,HULL,MUFL,MULL,LUFL,LULL,OT
+      --config.data.path=ETTh1.csv --config.data.columns=HUFL,HULL,MUFL,MULL,LUFL,LULL,OT
   python sample.py --ckpt=runs/power --num_samples=256 --method=ddim --num_steps=50 --eval
 
 Windows of 512 steps (any multiple of 8: --config.data.window=...), every stride-th start; in

@@ -2,7 +2,8 @@
 
 Public names: ``schedules`` (linear, cosine, from_betas, vp_linear, vp_cosine), ``sampling``,
 ``q_sample``, ``q_posterior``, ``convert_prediction``, ``diffusion_loss``,
-``distillation_loss``, ``distill`` (progressive distillation of a run), ``load_sampler``,
+``distillation_loss``, ``train`` (a run from a config), ``distill`` (progressive distillation
+of a run), ``load_sampler``,
 ``make_sample_fn``, ``LazyWindows`` and ``interop`` (the diffusers format). They are
 imported on first use, so that ``import ddpm_jax.timeseries`` (say) does not pull in Flax
 and orbax.
@@ -20,6 +21,7 @@ _NAMES = {
     'convert_prediction': ('ddpm_jax.diffusion', 'convert_prediction'),
     'diffusion_loss': ('ddpm_jax.losses', 'diffusion_loss'),
     'distillation_loss': ('ddpm_jax.distillation', 'distillation_loss'),
+    'train': ('ddpm_jax.trainer', 'train'),
     'distill': ('ddpm_jax.distiller', 'distill'),
     'load_sampler': ('ddpm_jax.inference', 'load_sampler'),
     'make_sample_fn': ('ddpm_jax.inference', 'make_sample_fn'),

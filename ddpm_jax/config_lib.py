@@ -21,12 +21,21 @@ SERIES = 'series'
 COMPUTE_ONLY_FIELDS = (('model', 'dropout'), ('model', 'dtype'), ('model', 'subpixel_upsample'),
                        ('model', 'fused_group_norm'), ('model', 'fast_dropout'))
 # Model fields added after runs were written; a config.json without them means these values.
-MODEL_FIELD_DEFAULTS = dict(flip_sin_to_cos=False, freq_shift=1.0, norm_eps=1e-6,
-                            attention_head_dim=0, downsample_padding=0, subpixel_upsample=True,
-                            fused_group_norm=True, fast_dropout=True)
+MODEL_FIELD_DEFAULTS = dict(
+    flip_sin_to_cos=False,  # time embedding: cos before sin (diffusers' flip_sin_to_cos)
+    freq_shift=1.0,  # time embedding: the frequency offset (diffusers' freq_shift)
+    norm_eps=1e-6,  # GroupNorm epsilon
+    attention_head_dim=0,  # > 0: heads of this width instead of num_heads
+    downsample_padding=0,  # strided conv's padding before each axis: 0 the paper's, 1 diffusers' later default
+    subpixel_upsample=True,  # upsample + 3x3 conv as four 2x2 convs (same outputs, faster)
+    fused_group_norm=True,  # GroupNorm + SiLU with a hand-written backward pass
+    fast_dropout=True,  # dropout from 16-bit draws (same law, other draws)
+)
 # Model fields outside the network's own options, with the value a config.json without them means.
 # observed_input: the network also takes the observed values and their mask (series tasks).
-MODEL_INPUT_DEFAULTS = dict(observed_input=False)
+MODEL_INPUT_DEFAULTS = dict(
+    observed_input=False,  # the network also takes observed values and their mask (series tasks)
+)
 
 
 # Ranges of the sizes a config (or a downloaded run's config.json, or a diffusers config.json)

@@ -102,13 +102,21 @@ def open_image(path: pathlib.Path):
   return image
 
 
+# Channels a folder's images get when data.channels is 0, from the first image's PIL mode.
+_GRAY_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'F')
+
+
 class FolderSource:
-  """A folder (searched recursively) of PNG/JPEG images of one size, decoded on access."""
+  """A folder (searched recursively) of PNG/JPEG images of one size, decoded on access;
+  ``channels`` 0 takes 1 (grayscale), 4 (RGBA) or 3 from the first image."""
 
   def __init__(self, folder: pathlib.Path, channels: int):
     self.files = sorted(p for p in folder.rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES)
     if not self.files:
       raise InputError(f'no PNG or JPEG images in {folder}')
+    if channels == 0:
+      with open_image(self.files[0]) as image:
+        channels = 1 if image.mode in _GRAY_MODES else 4 if image.mode == 'RGBA' else 3
     self.mode = {1: 'L', 3: 'RGB', 4: 'RGBA'}.get(channels)
     if self.mode is None:
       raise InputError(f'data.channels={channels}: image folders take 1, 3 or 4 channels')

@@ -88,7 +88,8 @@ def _is_closed_loop_noise(exc_type, exc_value) -> bool:
 class LibraryLogToFile:
   """While active, absl / Python logging (orbax's saves, restores and failures) goes to ``path``
   instead of stderr, and so do the closed-event-loop errors orbax's threads report after a
-  failed write. Our own one-line messages still reach the user."""
+  failed write. Our own one-line messages still reach the user. The file gets INFO and up
+  (orbax's saves and restores), though the terminal's default is warnings only."""
 
   def __init__(self, path: pathlib.Path):
     self.path = pathlib.Path(path)
@@ -98,6 +99,8 @@ class LibraryLogToFile:
     self.file = open(self.path, 'a')
     handler = logging.get_absl_handler().python_handler
     self.previous_stream, handler.stream = handler.stream, self.file
+    self.previous_verbosity = logging.get_verbosity()
+    logging.set_verbosity(max(self.previous_verbosity, logging.INFO))
     self.previous_hook = sys.unraisablehook
 
     def hook(unraisable):
@@ -111,6 +114,7 @@ class LibraryLogToFile:
 
   def __exit__(self, *exc_info):
     logging.get_absl_handler().python_handler.stream = self.previous_stream
+    logging.set_verbosity(self.previous_verbosity)
     sys.unraisablehook = self.previous_hook
     self.file.close()
     return False

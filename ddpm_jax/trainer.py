@@ -1,6 +1,6 @@
 """The training loop: data, state, the jitted step, checkpoints, progress and sample grids.
 
-``train_and_evaluate(config, workdir)`` is all ``train.py`` calls. Starting again with the same
+``train(config, workdir)`` is all ``train.py`` calls. Starting again with the same
 workdir resumes from the newest complete checkpoint, with the data iterator where it was.
 """
 
@@ -136,7 +136,7 @@ def _library_log(workdir: pathlib.Path) -> pathlib.Path:
   return workdir / (run_log.LIBRARY_LOG if index == 0 else f'train.process{index}.log')
 
 
-def train_and_evaluate(config, workdir) -> train_state.TrainState:
+def train(config, workdir) -> train_state.TrainState:
   """Trains (or resumes) the run that ``config`` describes in ``workdir``; returns the final state.
 
   ``config`` is not changed: the run uses a resolved copy (the data's shape filled in), which

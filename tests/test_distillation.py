@@ -146,7 +146,7 @@ def _distill_config(**distill):
 @pytest.fixture(scope='module')
 def teacher(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('teacher')
-  trainer.train_and_evaluate(tiny_config(name='digits'), workdir)
+  trainer.train(tiny_config(name='digits'), workdir)
   return workdir
 
 
@@ -243,7 +243,7 @@ def test_bad_teachers_are_one_line(teacher, tmp_path):
   cond_config = tiny_config(name='digits')
   cond_config.model.num_classes = 10
   cond_config.training.num_steps = 2
-  trainer.train_and_evaluate(cond_config, conditional)
+  trainer.train(cond_config, conditional)
   with pytest.raises(InputError, match='holds a training run, not a distillation'):
     distiller.distill(config, str(teacher), str(conditional))
   with pytest.raises(InputError, match='class-conditional teachers are not distilled yet'):

@@ -194,7 +194,7 @@ def test_train_on_four_devices_resume_on_two_sample_on_one(tmp_path):
 def test_resume_with_another_global_batch_is_refused(tmp_path):
   config = tiny_config(name='digits')
   config.training.num_steps = 2
-  trainer.train_and_evaluate(config, tmp_path)
+  trainer.train(config, tmp_path)
   config.training.num_steps, config.training.batch_size = 4, 16
   with pytest.raises(ValueError, match='checkpoint 2 was written with training.batch_size=8'):
-    trainer.train_and_evaluate(config, tmp_path)
+    trainer.train(config, tmp_path)

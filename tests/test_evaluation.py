@@ -62,7 +62,7 @@ def conditional_digits_run(tmp_path_factory):
   config.training.eval_every = 2
   config.training.eval_samples = 20
   config.training.eval_steps = 3
-  trainer.train_and_evaluate(config, workdir)
+  trainer.train(config, workdir)
   return workdir
 
 
@@ -131,7 +131,7 @@ def test_bits_per_dim_refuses_a_continuous_time_run(tmp_path):
   config.diffusion.schedule = 'vp_cosine'
   config.training.num_steps = 2
   config.training.sample_every = 100
-  trainer.train_and_evaluate(config, tmp_path)
+  trainer.train(config, tmp_path)
   run = run_script('-m', 'ddpm_jax.bpd', f'--ckpt={tmp_path}')
   assert run.returncode == 1
   (line,) = error_lines(run)
@@ -145,7 +145,7 @@ def test_sample_eval_without_weights_stops_before_sampling(tmp_path):
   config = tiny_config(name='images', path=str(path))
   config.training.num_steps = 2
   config.training.sample_every = 100
-  trainer.train_and_evaluate(config, tmp_path / 'run')
+  trainer.train(config, tmp_path / 'run')
   out = tmp_path / 'out'
   run = run_script('sample.py', f'--ckpt={tmp_path / "run"}', '--eval', f'--out={out}',
                    env={inception.WEIGHTS_ENV: str(tmp_path / 'absent.pt')})

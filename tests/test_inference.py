@@ -60,7 +60,7 @@ def test_classifier_free_guidance():
 def digits_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('digits_run')
   config = tiny_config(name='digits')
-  trainer.train_and_evaluate(config, workdir)
+  trainer.train(config, workdir)
   return workdir
 
 

@@ -52,6 +52,11 @@ def test_folder_source(tmp_path):
   (tmp_path / 'notes.txt').write_text('not an image')
   source = input_pipeline.FolderSource(tmp_path, channels=3)
   assert len(source) == 3 and source.info().shape == (16, 16, 3)
+  assert input_pipeline.FolderSource(tmp_path, channels=0).info().shape == (16, 16, 3)
+  gray = tmp_path / 'gray'
+  gray.mkdir()
+  Image.fromarray(np.zeros((16, 16), np.uint8)).save(gray / 'a.png')
+  assert input_pipeline.FolderSource(gray, channels=0).info().shape == (16, 16, 1)
   expected = np.asarray(Image.open(tmp_path / '1.png'))
   np.testing.assert_array_equal(input_pipeline.model_to_uint8(source.get_batch([1])['x'][0]),
                                 expected)

@@ -109,7 +109,7 @@ def test_bpd_command_writes_the_bound_it_prints(tmp_path):
   from ddpm_jax import evaluation, trainer
   from tests.helpers import REPO_ROOT, tiny_config
   run = tmp_path / 'run'
-  trainer.train_and_evaluate(tiny_config(name='digits'), run)
+  trainer.train(tiny_config(name='digits'), run)
   result = subprocess.run([sys.executable, '-m', 'ddpm_jax.bpd', f'--ckpt={run}',
                            '--num_images=6', '--batch_size=4'], capture_output=True, text=True,
                           cwd=REPO_ROOT, timeout=600)

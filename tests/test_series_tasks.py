@@ -8,7 +8,6 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from scipy import stats
@@ -16,7 +15,7 @@ from scipy import stats
 from ddpm_jax.configs import default
 from ddpm_jax import (generate, inference, input_pipeline, masking, metrics, sampling,
                       schedules, series_tasks, trainer)
-from tests.helpers import error_lines, run_script, skip_unless_ci, tiny_config
+from tests.helpers import run_script, skip_unless_ci, tiny_config
 
 LENGTH, PHI = 12, 0.8
 COVARIANCE = PHI ** np.abs(np.subtract.outer(np.arange(LENGTH), np.arange(LENGTH)))  # var 1
@@ -245,7 +244,7 @@ def masked_run(tmp_path_factory, shared_data_module):
                        val_fraction=0.1, test_fraction=0.1)
   config.model.spatial_dims = 1
   config.model.observed_input = True
-  trainer.train_and_evaluate(config, workdir)
+  trainer.train(config, workdir)
   return workdir
 
 

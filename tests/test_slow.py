@@ -87,7 +87,7 @@ def _digits_run(workdir, dtype, seed):
   config.training.checkpoint_every = 200
   config.training.sample_every = 10_000
   config.training.eval_every = 200
-  trainer.train_and_evaluate(config, workdir)
+  trainer.train(config, workdir)
   records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   losses = np.array([r['loss'] for r in records if 'loss' in r and r['step'] > 100])
   quality = next(r for r in records if 'eval_fd' in r and r['step'] == 200)

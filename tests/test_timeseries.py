@@ -137,7 +137,7 @@ def test_series_run_end_to_end_in_original_units(tmp_path):
   config = tiny_config(name='series', path=str(path), window=16, stride=2, val_fraction=0.2)
   config.model.spatial_dims = 1
   config.model.attn_resolutions = (8,)
-  trainer.train_and_evaluate(config, tmp_path / 'run')
+  trainer.train(config, tmp_path / 'run')
   saved = json.loads((tmp_path / 'run' / 'config.json').read_text())
   assert saved['data']['channels'] == 2
   out = generate.generate(str(tmp_path / 'run'), str(tmp_path / 'out'), num_samples=6,

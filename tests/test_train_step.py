@@ -168,7 +168,7 @@ def test_importance_sampling_history_is_saved_and_restored(tmp_path):
   np.savez(path, images=np.random.default_rng(0).integers(0, 255, (16, 8, 8, 1), dtype=np.uint8))
   config = tiny_config(name='images', path=str(path))
   config.diffusion.timestep_sampling = 'importance'
-  state = trainer.train_and_evaluate(config, tmp_path / 'run')
+  state = trainer.train(config, tmp_path / 'run')
   history = state.loss_history
   assert int(history.counts.sum()) == 4 * config.training.batch_size
   assert float(history.mean_sq_loss.max()) > 0

@@ -24,7 +24,7 @@ def test_end_to_end_tfds_mock_then_restore(tmp_path):
   config = tiny_config(name='cifar10', random_flip=True)
   config.model.num_classes = 10
   with tfds.testing.mock_data(num_examples=16):
-    state = trainer.train_and_evaluate(config, tmp_path)
+    state = trainer.train(config, tmp_path)
   assert int(state.step) == 4
   saved = json.loads((tmp_path / 'config.json').read_text())
   assert saved['data']['image_size'] == 32 and saved['data']['channels'] == 3
@@ -48,15 +48,15 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
   config = tiny_config(name='images', path=str(path))
   config.training.num_steps = 6
   config.training.sample_every = 0  # only at the last step
-  straight = trainer.train_and_evaluate(config, tmp_path / 'straight')
+  straight = trainer.train(config, tmp_path / 'straight')
   assert [p.name for p in (tmp_path / 'straight' / 'samples').iterdir()] == ['step_0000006.png']
   config.training.num_steps = 3
-  trainer.train_and_evaluate(config, tmp_path / 'resumed')
+  trainer.train(config, tmp_path / 'resumed')
   # As if killed during step 3: only checkpoint 2 is complete.
   import shutil
   shutil.rmtree(tmp_path / 'resumed' / 'checkpoints' / '3')
   config.training.num_steps = 6
-  resumed = trainer.train_and_evaluate(config, tmp_path / 'resumed')
+  resumed = trainer.train(config, tmp_path / 'resumed')
   _params_close(resumed.params, straight.params, 1e-6)
   _params_close(resumed.ema_params, straight.ema_params, 1e-6)
 
@@ -105,7 +105,7 @@ def test_diverging_run_stops_naming_the_steps_and_keeps_its_checkpoint(tmp_path)
   config.training.max_nonfinite_steps = 3
   with pytest.raises(trainer.TrainingError, match=r'3 updates in a row .*steps (\d+)\.\.(\d+).*'
                                                    r'Checkpoint \d+ is intact'):
-    trainer.train_and_evaluate(config, tmp_path / 'run')
+    trainer.train(config, tmp_path / 'run')
   sample_fn, params = inference.load_sampler(tmp_path / 'run')  # what was saved still restores
   assert sample_fn.step >= 1
 
@@ -114,13 +114,13 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
   path = tmp_path / 'd.npz'
   np.savez(path, images=np.random.default_rng(0).integers(0, 255, (16, 8, 8, 1), dtype=np.uint8))
   config = tiny_config(name='images', path=str(path))
-  trainer.train_and_evaluate(config, tmp_path / 'run')
+  trainer.train(config, tmp_path / 'run')
   state_dir = tmp_path / 'run' / 'checkpoints' / '4' / 'state'
   for f in state_dir.rglob('*'):
     if f.is_file() and f.stat().st_size > 0 and 'metadata' not in f.name.lower():
       f.write_bytes(b'\0' * f.stat().st_size)  # damage every data file
   config.training.num_steps = 6
-  state = trainer.train_and_evaluate(config, tmp_path / 'run')
+  state = trainer.train(config, tmp_path / 'run')
   captured = capsys.readouterr()
   assert 'checkpoint 4 is damaged' in captured.err and 'set it aside' in captured.err
   assert f'resuming {tmp_path / "run"} from checkpoint 2' in captured.out
@@ -139,7 +139,7 @@ DEVICE_RUN = textwrap.dedent('''
     config.data.random_flip = True
     config.training.num_steps = 3
     config.training.sample_every = 100
-    state = trainer.train_and_evaluate(config, {workdir!r})
+    state = trainer.train(config, {workdir!r})
     from ddpm_jax import inference
     sample_fn, params = inference.load_sampler({workdir!r})
     samples = sample_fn(params, jax.random.key(0), 8, num_steps=3)
@@ -253,7 +253,7 @@ def _two_checkpoints(tmp_path):
   path = tmp_path / 'd.npz'
   np.savez(path, images=np.random.default_rng(0).integers(0, 255, (16, 8, 8, 1), dtype=np.uint8))
   config = tiny_config(name='images', path=str(path))
-  trainer.train_and_evaluate(config, tmp_path / 'run')
+  trainer.train(config, tmp_path / 'run')
   return config, tmp_path / 'run' / 'checkpoints'
 
 
@@ -280,7 +280,7 @@ def test_truncated_newest_checkpoint_reader_warns_and_renames_nothing_trainer_se
     inference.load_sampler(checkpoints / '4')
   # The trainer sets it aside and goes on from checkpoint 2.
   config.training.num_steps = 6
-  state = trainer.train_and_evaluate(config, tmp_path / 'run')
+  state = trainer.train(config, tmp_path / 'run')
   assert int(state.step) == 6
   assert (checkpoints / '4.damaged').is_dir()
   # metrics.jsonl: the steps redone after the fallback are not logged twice.
@@ -322,6 +322,6 @@ def test_config_is_not_changed_by_training(tmp_path):
   config = tiny_config(name='digits')
   config.training.num_steps = 1
   before = config.to_json()
-  trainer.train_and_evaluate(config, tmp_path)
+  trainer.train(config, tmp_path)
   assert config.to_json() == before  # the run's resolved copy went to config.json
   assert json.loads((tmp_path / 'config.json').read_text())['data']['image_size'] == 8

@@ -483,7 +483,7 @@ def two_checkpoint_run(tmp_path_factory):
   path = workdir.parent / 'digest_data.npz'
   np.savez(path, images=np.random.default_rng(0).integers(0, 255, (16, 8, 8, 1), dtype=np.uint8))
   config = tiny_config(name='images', path=str(path))
-  trainer.train_and_evaluate(config, workdir / 'run')
+  trainer.train(config, workdir / 'run')
   return config, workdir / 'run'
 
 
@@ -525,7 +525,7 @@ def test_flipped_bytes_in_a_checkpoint_are_found_by_its_digests(two_checkpoint_r
   assert _snapshot(run) == before
   config = config.copy_and_resolve_references()
   config.training.num_steps = 6
-  state = trainer.train_and_evaluate(config, run)  # the trainer sets 4 aside
+  state = trainer.train(config, run)  # the trainer sets 4 aside
   assert int(state.step) == 6 and (run / 'checkpoints' / '4.damaged').is_dir()
 
 

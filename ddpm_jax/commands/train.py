@@ -19,7 +19,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   f = flags.FLAGS
-  cli.run(cli.program_name(), lambda: trainer.train_and_evaluate(f.config, f.workdir))
+  cli.run(cli.program_name(), lambda: trainer.train(f.config, f.workdir))
 
 
 def run():
