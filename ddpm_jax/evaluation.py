@@ -118,8 +118,8 @@ def bits_per_dim(ckpt: str, *, split: str = 'test', num_images: int = 0, batch_s
     terms = likelihood.terms_fn(
         lambda p: inference.guided_model_fn(model, p, None, 1.0), schedule,
         prediction=config.diffusion.target, variance=variance, clip_x0=config.sampling.clip_x0)
-    bar = progress.CountProgress(-(-len(images) // batch_size) * schedule.num_timesteps,
-                                 f'bound ({variance} variance)', 'term')
+    bar = progress.Progress(-(-len(images) // batch_size) * schedule.num_timesteps,
+                            f'bound ({variance} variance)', 'term')
     start, parts = time.time(), []
     try:
       for index, begin in enumerate(range(0, len(images), batch_size)):

@@ -16,20 +16,24 @@ from ddpm_jax import (config_lib, evaluation, file_checks, images, inference, ma
 from ddpm_jax.errors import InputError
 
 
-class StepProgress(progress.CountProgress):
-  """Counts reverse steps as the sampler's pieces finish. One object serves every batch, so
-  each piece is compiled once."""
+class SampleProgress(progress.Progress):
+  """Counts samples as the sampler's pieces finish: a batch of n samples that has run s of its
+  S reverse steps counts n s / S. One object serves every batch, so each piece is compiled
+  once."""
 
-  def __init__(self, total: int):
-    super().__init__(total, 'sampling', 'step')
-    self._batch_done = 0
+  def __init__(self, num_samples: int, batch_size: int, steps: int):
+    super().__init__(num_samples, 'sampling', 'sample')
+    self.batch_size, self.steps = batch_size, steps
+    self._batch_start, self._batch_done = 0, 0  # samples of the finished batches; steps done
 
   def __call__(self, steps_done: int) -> None:
-    """steps_done in the current batch, as sample_fn reports it; a smaller count than the last
-    one starts a new batch."""
-    new = steps_done if steps_done <= self._batch_done else steps_done - self._batch_done
+    """steps_done in the current batch, as sample_fn reports it; a count no larger than the
+    last one starts a new batch."""
+    if steps_done <= self._batch_done:
+      self._batch_start += min(self.batch_size, self.total - self._batch_start)
     self._batch_done = steps_done
-    self.advance(new)
+    batch = min(self.batch_size, self.total - self._batch_start)
+    self.advance(self._batch_start + batch * steps_done / self.steps - self.done)
 
 
 def parse_labels(text: str, num_samples: int) -> Optional[np.ndarray]:
@@ -67,7 +71,7 @@ def _series_task(sample_fn, params, config, task, out, *, num_samples, method, n
   out = pathlib.Path(out).expanduser()
   common = dict(series_path=series, evaluate=evaluate, num_windows=num_windows,
                 num_samples=num_samples, season=season, seed=seed, batch_size=batch_size,
-                progress_factory=lambda total: StepProgress(-(-total // batch_size) * steps),
+                progress_factory=lambda total: SampleProgress(total, batch_size, steps),
                 method=method, num_steps=num_steps, eta=None if eta < 0 else eta,
                 spacing=spacing, rho=rho)
   if task == 'forecast':
@@ -131,8 +135,7 @@ def generate(ckpt: str, out: str, *, num_samples: int = 64, method: str = '',
   out = file_checks.check_output_folder(out, overwrite, '--out')
   if png_dir:
     file_checks.check_output_folder(png_dir, overwrite, '--png_dir')
-  num_batches = -(-num_samples // batch_size)
-  progress = StepProgress(num_batches * steps)
+  progress = SampleProgress(num_samples, batch_size, steps)
   start = time.time()
   try:
     samples = inference.sample_in_batches(sample_fn, params, jax.random.key(seed), num_samples,

@@ -187,7 +187,7 @@ def feature_set(spec: str, features_fn: Optional[Callable], data_dir: str = '',
 
 def images_feature_set(name: str, images: np.ndarray, features_fn: Callable) -> FeatureSet:
   """Inception features of uint8 images [N, H, W, 3] with a progress bar, and their statistics."""
-  bar = progress.CountProgress(len(images), f'features of {name}', 'image')
+  bar = progress.Progress(len(images), f'features of {name}', 'image')
   try:
     features = features_fn(images, progress=bar.advance)
   finally:

@@ -6,10 +6,8 @@ workdir resumes from the newest complete checkpoint, with the data iterator wher
 
 from __future__ import annotations
 
-import math
 import pathlib
 import signal
-import sys
 import threading
 import time
 
@@ -18,6 +16,7 @@ import numpy as np
 
 from ddpm_jax import (config_lib, digits_quality, file_checks, images, inference,
                       input_pipeline, run_log, sharding, timeseries, train_state)
+from ddpm_jax import progress as progress_lib
 from ddpm_jax.checkpointing import Checkpointer
 from ddpm_jax.errors import InputError, Interrupted, TrainingError
 from ddpm_jax.models import create_model
@@ -36,38 +35,6 @@ def prepare_workdir(workdir: pathlib.Path, config) -> None:
   sharding.barrier('config_checked')  # nobody reads config.json while process 0 writes it
   if sharding.is_main_process():
     path.write_text(config_lib.to_json(config))
-
-
-class Progress:
-  """A tqdm bar on a terminal, plain log lines elsewhere: step, loss, steps/s, images/s, ETA."""
-
-  def __init__(self, start: int, total: int, batch_size: int, label: str = ''):
-    self.total, self.batch_size, self.label = total, batch_size, label
-    self.start_step, self.start_time = start, time.time()
-    self.bar = None
-    if sys.stderr.isatty():
-      from tqdm import tqdm
-      self.bar = tqdm(total=total, initial=start, unit='step', dynamic_ncols=True,
-                      desc=label or None)
-
-  def update(self, step: int, metrics: dict) -> str:
-    elapsed = time.time() - self.start_time
-    rate = (step - self.start_step) / max(elapsed, 1e-9)
-    eta = (self.total - step) / rate if rate > 0 else float('nan')
-    fields = dict(loss=f'{metrics["loss"]:.4f}', img_per_s=f'{rate * self.batch_size:.1f}')
-    if self.bar is not None:
-      self.bar.n = step
-      self.bar.set_postfix(fields, refresh=True)
-      return ''
-    eta_text = time.strftime('%H:%M:%S', time.gmtime(eta)) if math.isfinite(eta) else '?'
-    line = (f'{self.label + ": " if self.label else ""}step {step}/{self.total}  loss {fields["loss"]}  {rate:.2f} steps/s  '
-            f'{fields["img_per_s"]} images/s  ETA {eta_text}')
-    print(line, flush=True)
-    return line
-
-  def close(self):
-    if self.bar is not None:
-      self.bar.close()
 
 
 class SignalFlag:
@@ -215,7 +182,9 @@ def train_loop(config, workdir, mesh, model, init, data_iter, data_stats, make_s
 
     step = int(state.step)
     metrics_log = run_log.MetricsLog(workdir, step, write=main)
-    progress = Progress(step, training.num_steps, training.batch_size, label) if main else None
+    item = 'window' if config_lib.is_series(config) else 'image'
+    progress = (progress_lib.Progress(training.num_steps, label, 'step', start=step,
+                                      per_unit=(item, training.batch_size)) if main else None)
     if main:
       print(f'training {workdir} from step {step} to {training.num_steps} on '
             f'{jax.device_count()} {jax.devices()[0].platform} device(s) in '
@@ -235,11 +204,12 @@ def train_loop(config, workdir, mesh, model, init, data_iter, data_stats, make_s
         jax.block_until_ready(state)
         first_step_s = round(time.time() - compile_start, 3)
         if main:
-          print(f'step {step}: compiled and ran the first step in {first_step_s} s', flush=True)
+          progress_lib.write(f'step {step}: compiled and ran the first step in {first_step_s} s')
         metrics_log.append({'step': step, 'compile_and_first_step_s': first_step_s})
         compiled = True  # rates and ETA count from here, without compilation
         if progress is not None:
-          progress.start_step, progress.start_time = step, time.time()
+          progress.update(step, report=False)
+          progress.restart_clock()
       due = lambda every: step == training.num_steps or (every > 0 and step % every == 0)
       checkpoint_now = due(training.checkpoint_every)
       if due(training.log_every) or checkpoint_now or stop_signum:
@@ -256,7 +226,7 @@ def train_loop(config, workdir, mesh, model, init, data_iter, data_stats, make_s
               f'lower optim.learning_rate or check the data for NaNs')
         metrics_log.append(record)
         if progress is not None:
-          progress.update(step, record)
+          progress.update(step, {'loss': f'{record["loss"]:.4f}'})
       if checkpoint_now or stop_signum:
         checkpointer.save(step, state, data_iter.get_state(), extras)
         metrics_log.plot()
@@ -269,8 +239,8 @@ def train_loop(config, workdir, mesh, model, init, data_iter, data_stats, make_s
         metrics_log.append({'step': step, **quality})
         metrics_log.plot()
         if main:
-          print(f'step {step}: ' + '  '.join(f'{k[5:]} {v:.4g}' for k, v in quality.items()),
-                flush=True)
+          progress_lib.write(f'step {step}: ' + '  '.join(f'{k[5:]} {v:.4g}'
+                                                          for k, v in quality.items()))
       if stop_signum:
         checkpointer.wait()
         raise Interrupted(stop_signum, step, here=flag.signum is not None)

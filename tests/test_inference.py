@@ -1,3 +1,5 @@
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,3 +152,31 @@ def test_sample_script_heun_on_karras_spacing(digits_run, tmp_path):
   assert (out / 'timing.txt').read_text().startswith('heun 3 steps (karras spacing) 3 samples')
   with np.load(out / 'samples.npz') as f:
     assert f['arr_0'].shape == (3, 8, 8, 1)
+
+
+def test_sampling_progress_counts_samples_over_batches(capsys):
+  """1,000 samples in batches of 256 at 20 steps, reported in pieces of 2 steps: the count is
+  in samples and ends at 1,000 (it once read '80/80 steps')."""
+  progress = generate.SampleProgress(1000, 256, 20)
+  for _ in range(4):
+    for steps_done in range(2, 21, 2):
+      progress(steps_done)
+  assert progress.done == pytest.approx(1000)
+  progress.close()
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 10 and lines[-1].startswith('sampling: sample 1000/1000')
+  assert 'samples/s' in lines[-1]
+
+
+def test_lines_written_during_a_bar_go_above_it(capsys, monkeypatch):
+  """On a terminal a line printed while a bar is drawn goes through tqdm.write, whole."""
+  from ddpm_jax import progress
+  monkeypatch.setattr(sys.stderr, 'isatty', lambda: True)
+  bar = progress.Progress(10, 'train', 'step')
+  bar.update(3, {'loss': '0.5'})
+  progress.write('step 3: fd 1.2')
+  bar.close()
+  progress.write('after')
+  out, err = capsys.readouterr()
+  assert out == 'step 3: fd 1.2\nafter\n'
+  assert 'loss=0.5' in err and '3/10' in err
