@@ -27,6 +27,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ddpm_jax import digits_quality, evaluation, inference, plots  # noqa: E402
+from ddpm_jax import workdir as workdir_lib
 
 flags.DEFINE_string('ckpt', None, 'A trained digits run (configs/digits.py).')
 flags.DEFINE_integer('num_samples', 500, 'Samples per cell.')
@@ -55,8 +56,9 @@ def main(argv):
   del argv
   f = flags.FLAGS
   import jax
-  sample_fn, params = inference.load_sampler(f.ckpt)
-  config = sample_fn.config
+  run = workdir_lib.load_run(f.ckpt)
+  config, params = run.config, run.params
+  sample_fn = inference.make_sample_fn(run.model, config)
   if config.data.name != 'digits':
     raise SystemExit(f'{f.ckpt} is a {config.data.name} run; this benchmark scores digits')
   fid_cells = {cell.strip() for cell in f.fid_cells.split(',') if cell.strip()}
@@ -66,7 +68,7 @@ def main(argv):
   for route in ROUTES:
     steps = {steps_for(route[1], calls) for calls in CALLS} | ({6} if route[0] == 'heun' else set())
     cells += [(route, n) for n in sorted(steps)]
-  students = inference.finished_students(f.distilled) if f.distilled else {}
+  students = workdir_lib.finished_students(f.distilled) if f.distilled else {}
   cells += [(('distilled', 'ddim', 'trailing'), n) for n in sorted(students)]
   for (name, method, spacing), steps in cells:
     route_fn, route_params = (inference.load_sampler(students[steps]) if name == 'distilled'
@@ -80,7 +82,7 @@ def main(argv):
     row = dict(route=name, calls=nfe, steps=steps, fd=scores['fd'],
                confidence=scores['confidence'], fid=None)
     if f'{name}:{nfe}' in fid_cells:
-      row['fid'] = evaluation.evaluate_images(uint8, config, sample_fn.workdir)['fid']
+      row['fid'] = evaluation.evaluate_images(uint8, config, run.workdir)['fid']
     rows.append(row)
     print(f'{name:20s} {nfe:3d} calls ({steps} steps): FD {row["fd"]:.3f}, confidence '
           f'{row["confidence"]:.3f}' + ('' if row['fid'] is None else f', FID {row["fid"]:.2f}'),
@@ -90,7 +92,7 @@ def main(argv):
            f'quality_per_call.py --ckpt={f.ckpt}' + (f' --fid_cells={f.fid_cells}'
                                                      if f.fid_cells else '')
            + (f' --distilled={f.distilled}' if f.distilled else '') + '`, run at '
-           f'checkpoint {sample_fn.step}, {f.num_samples} samples per cell, seed {f.seed}. '
+           f'checkpoint {run.step}, {f.num_samples} samples per cell, seed {f.seed}. '
            'Digits FD (lower is better) and confidence from ddpm_jax.digits_quality; FID '
            'against all 1,797 digits (pytorch-fid protocol) where computed.', '',
            '| route | calls | steps | digits FD | confidence | FID |', '|---|---|---|---|---|---|']
@@ -113,7 +115,7 @@ def main(argv):
   axes.set_yscale('log')
   axes.set_xlabel('network calls per sample')
   axes.set_ylabel('digits FD (lower is better)')
-  axes.set_title(f'Quality per call: digits run, checkpoint {sample_fn.step}, '
+  axes.set_title(f'Quality per call: digits run, checkpoint {run.step}, '
                  f'{f.num_samples} samples')
   axes.grid(True, which='both', alpha=0.3)
   axes.legend()

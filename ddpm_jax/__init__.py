@@ -3,7 +3,8 @@
 Public names: ``schedules`` (linear, cosine, from_betas, vp_linear, vp_cosine), ``sampling``,
 ``q_sample``, ``q_posterior``, ``convert_prediction``, ``diffusion_loss``,
 ``distillation_loss``, ``train`` (a run from a config), ``distill`` (progressive distillation
-of a run), ``load_sampler``,
+of a run), ``load_run`` (a run folder as a ``Run``: config, model, EMA parameters, step),
+``load_sampler``,
 ``make_sample_fn``, ``LazyWindows`` and ``interop`` (the diffusers format). They are
 imported on first use, so that ``import ddpm_jax.timeseries`` (say) does not pull in Flax
 and orbax.
@@ -24,6 +25,8 @@ _NAMES = {
     'train': ('ddpm_jax.trainer', 'train'),
     'distill': ('ddpm_jax.distiller', 'distill'),
     'load_sampler': ('ddpm_jax.inference', 'load_sampler'),
+    'load_run': ('ddpm_jax.workdir', 'load_run'),
+    'Run': ('ddpm_jax.workdir', 'Run'),
     'make_sample_fn': ('ddpm_jax.inference', 'make_sample_fn'),
     'LazyWindows': ('ddpm_jax.series_data', 'LazyWindows'),
     'interop': ('ddpm_jax.interop', None),

@@ -15,8 +15,9 @@ import json
 
 from absl import app, flags
 
-from ddpm_jax import cli, evaluation, inference
+from ddpm_jax import cli, evaluation
 from ddpm_jax.errors import InputError
+from ddpm_jax import workdir as workdir_lib
 
 flags.DEFINE_string('ckpt', None, 'A training workdir or one of its checkpoints.')
 flags.DEFINE_string('split', 'test', 'Split of a tensorflow-datasets set.')
@@ -36,7 +37,7 @@ def main(argv):
       raise InputError('--num_images must be >= 0 and --batch_size >= 1')
     result = evaluation.bits_per_dim(f.ckpt, split=f.split, num_images=f.num_images,
                                      batch_size=f.batch_size, seed=f.seed)
-    workdir = inference.resolve_checkpoint(f.ckpt)[0]
+    workdir = workdir_lib.resolve_checkpoint(f.ckpt)[0]
     out = workdir / 'eval' / 'bpd.json'
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + '\n')

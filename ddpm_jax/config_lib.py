@@ -180,28 +180,6 @@ def from_json(text: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(text))
 
 
-MAX_CONFIG_BYTES = 1 << 20  # a run's config.json is a few KiB
-
-
-def read_workdir_config(workdir) -> ml_collections.ConfigDict:
-  """A run's config.json (a downloaded run's too: a bounded, well-formed JSON object)."""
-  path = pathlib.Path(workdir) / 'config.json'
-  if not path.is_file():
-    raise FileNotFoundError(f'{path} not found: is {workdir} a ddpm_jax training workdir?')
-  if path.stat().st_size > MAX_CONFIG_BYTES:
-    raise InputError(f'{path} is larger than the {MAX_CONFIG_BYTES >> 10} KiB a run config needs')
-  try:
-    fields = json.loads(path.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
-    raise InputError(f'{path} is not valid JSON ({str(error)[:80]}); is the run complete?') \
-        from None
-  missing = [s for s in ('data', 'model', 'diffusion') if not isinstance(fields, dict)
-             or not isinstance(fields.get(s), dict)]
-  if missing:
-    raise InputError(f'{path} is not a ddpm_jax run config: it has no {missing[0]} section')
-  return ml_collections.ConfigDict(fields)
-
-
 def checkpoint_differences(saved, current) -> list[str]:
   """Fields that must agree between a workdir's saved config and the current one, where they differ."""
   saved = json.loads(to_json(saved))

@@ -18,8 +18,9 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from ddpm_jax import cli, config_lib, inference, interop, sharding, train_state
+from ddpm_jax import cli, config_lib, interop, sharding, train_state
 from ddpm_jax.checkpointing import Checkpointer
+from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.errors import InputError
 
 config_flags.DEFINE_config_file('config', cli.packaged_config('default'), 'Base config for the sections a '
@@ -61,8 +62,8 @@ def to_diffusers(ckpt, folder) -> pathlib.Path:
   """Writes the EMA parameters of the run at ``ckpt`` as a diffusers folder."""
   folder = pathlib.Path(folder).expanduser()
   _check_new(folder, '--to_diffusers')
-  sample_fn, params = inference.load_sampler(ckpt)
-  config = sample_fn.config
+  run = workdir_lib.load_run(ckpt)
+  config, params = run.config, run.params
   # Checked before anything is written: the configs must map.
   interop.unet_config_from_fields(config.model, config.data)
   interop.scheduler_config_from_fields(config.diffusion, config.sampling)

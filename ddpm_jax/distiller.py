@@ -20,10 +20,11 @@ import time
 import jax
 import ml_collections
 
-from ddpm_jax import (config_lib, distillation, file_checks, inference, input_pipeline, sharding,
+from ddpm_jax import (config_lib, distillation, file_checks, input_pipeline, sharding,
                       train_state, trainer)
 from ddpm_jax.errors import InputError
 from ddpm_jax.models import create_model
+from ddpm_jax import workdir as workdir_lib
 
 
 def stage_steps(distill_config) -> list[int]:
@@ -49,7 +50,7 @@ def check_teacher(path: str) -> pathlib.Path:
   if not folder.exists():
     raise FileNotFoundError(f'--teacher {folder} does not exist; pass the --workdir of a '
                             f'trained run')
-  if (folder / inference.STUDENTS).is_dir():
+  if (folder / workdir_lib.STUDENTS).is_dir():
     return folder  # a distillation run: its fewest-step student teaches on
   if not (folder / 'config.json').is_file():
     raise FileNotFoundError(f'--teacher {folder} is not a training workdir (no config.json); '
@@ -99,7 +100,7 @@ def prepare_workdir(workdir: pathlib.Path, record: dict) -> None:
   previous start wrote is the same."""
   path = workdir / 'config.json'
   text = json.dumps(record, indent=2, sort_keys=True)
-  if path.is_file() and not (workdir / inference.STUDENTS).is_dir():
+  if path.is_file() and not (workdir / workdir_lib.STUDENTS).is_dir():
     raise InputError(f'--workdir {workdir} holds a training run, not a distillation; choose a '
                      f'new folder')
   if path.is_file():
@@ -112,7 +113,7 @@ def prepare_workdir(workdir: pathlib.Path, record: dict) -> None:
   sharding.barrier('distill_config_checked')
   if sharding.is_main_process():
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / inference.STUDENTS).mkdir(exist_ok=True)
+    (workdir / workdir_lib.STUDENTS).mkdir(exist_ok=True)
     path.write_text(text)
 
 
@@ -149,10 +150,10 @@ def distill(config, teacher: str, workdir: str) -> dict:
   mesh = sharding.make_mesh()
   sharding.check_global_batch(config.training.batch_size, mesh)
 
-  teacher_fn, teacher_params = inference.load_sampler(teacher_dir)
-  teacher_config = teacher_fn.config
+  teacher = workdir_lib.load_run(teacher_dir)
+  teacher_config, teacher_params = teacher.config, teacher.params
   check_teacher_config(teacher_config)
-  teacher_record = {'path': str(teacher_fn.workdir.resolve()), 'step': int(teacher_fn.step)}
+  teacher_record = {'path': str(teacher.workdir.resolve()), 'step': int(teacher.step)}
   prepare_workdir(workdir, {**json.loads(config_lib.to_json(config)), 'teacher': teacher_record})
 
   source = input_pipeline.create_source(teacher_config.data, seed=config.training.seed)
@@ -166,9 +167,9 @@ def distill(config, teacher: str, workdir: str) -> dict:
   teacher_prediction = teacher_config.diffusion.target
   main = sharding.is_main_process()
   for stage, num_steps in enumerate(steps):
-    folder = inference.student_folder(workdir, num_steps)
-    if (folder / inference.STAGE_DONE).is_file():  # finished before: it teaches the next stage
-      teacher_params = inference.load_sampler(folder)[1]
+    folder = workdir_lib.student_folder(workdir, num_steps)
+    if (folder / workdir_lib.STAGE_DONE).is_file():  # finished before: it teaches the next stage
+      teacher_params = workdir_lib.load_run(folder).params
       teacher_prediction = config.distill.student_prediction
       continue
     stage_config = student_config(teacher_config, config, num_steps, stage, teacher_record)
@@ -187,9 +188,9 @@ def distill(config, teacher: str, workdir: str) -> dict:
     state = trainer.run_in_workdir(stage_config, folder, mesh, model, init, data_iter,
                                    info.stats, make_step, label)
     if main:
-      (folder / inference.STAGE_DONE).write_text(json.dumps(
+      (folder / workdir_lib.STAGE_DONE).write_text(json.dumps(
           {'steps': num_steps, 'teacher_steps': 2 * num_steps, 'step': int(state.step),
            'seconds_this_start': round(time.time() - start, 1)}, indent=2))
     sharding.barrier(f'stage_{num_steps}_done')
     teacher_params, teacher_prediction = state.ema_params, config.distill.student_prediction
-  return inference.finished_students(workdir)
+  return workdir_lib.finished_students(workdir)

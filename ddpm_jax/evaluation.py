@@ -15,6 +15,7 @@ import numpy as np
 from ddpm_jax import (config_lib, digits_quality, diffusion, image_metrics, inception, inference,
                       input_pipeline, likelihood, progress)
 from ddpm_jax import schedules as schedules_lib
+from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.errors import InputError
 
 FID_PROTOCOL = ('pytorch-fid: Inception-v3 (TF 2015-12-05) pool3, bilinear resize to 299 '
@@ -99,19 +100,19 @@ def bits_per_dim(ckpt: str, *, split: str = 'test', num_images: int = 0, batch_s
                  variances=diffusion.REVERSE_VARIANCES, seed: int = 0) -> dict:
   """The DDPM variational bound of the run's EMA network on ``split`` of its data, in bits per
   dimension, for each reverse variance: {'small': {'bpd', 'prior', 'decoder', 'kl'}, ...}."""
-  sample_fn, params = inference.load_sampler(ckpt)
-  config, model = sample_fn.config, sample_fn.model
+  run = workdir_lib.load_run(ckpt)
+  config, model, params = run.config, run.model, run.params
   if config_lib.is_series(config):
     raise InputError('bits per dimension is defined here for 8-bit images; this run models a '
                      'time series')
   schedule = config_lib.schedule_from_config(config)
   if schedules_lib.is_continuous(schedule):
-    raise InputError(f'checkpoint {sample_fn.step} uses the continuous-time '
+    raise InputError(f'checkpoint {run.step} uses the continuous-time '
                      f'{config.diffusion.schedule} schedule; the discrete bound needs a '
                      'linear or cosine (discrete) run')
   images, description = _bound_data(config, split, num_images)
   x0_all = input_pipeline.images_to_model(images)
-  result = {'data': description, 'checkpoint': sample_fn.step,
+  result = {'data': description, 'checkpoint': run.step,
             'num_timesteps': schedule.num_timesteps}
   batch_size = min(batch_size, len(images))
   for variance in variances:

@@ -13,6 +13,7 @@ import numpy as np
 
 from ddpm_jax import (config_lib, evaluation, file_checks, images, inference, masking, progress,
                       series_tasks, timeseries)
+from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.errors import InputError
 
 
@@ -59,10 +60,11 @@ def trajectory_strip(x_t: np.ndarray, x0: np.ndarray, columns: int = 10) -> np.n
   return images.make_grid(tiles, columns=len(picks))
 
 
-def _series_task(sample_fn, params, config, task, out, *, num_samples, method, num_steps, eta,
+def _series_task(sample_fn, run, task, out, *, num_samples, method, num_steps, eta,
                  seed, batch_size, evaluate, horizon, series, num_windows, missing, block,
                  season, spacing, rho) -> pathlib.Path:
   """sample.py --task=forecast|impute: checked, then run by ddpm_jax.series_tasks."""
+  config = run.config
   if task == 'forecast':  # checked before anything is sampled or written
     masking.forecast_mask(config.data.window, config.data.channels, horizon)
   method, num_steps, steps = inference.resolve_method(
@@ -75,9 +77,11 @@ def _series_task(sample_fn, params, config, task, out, *, num_samples, method, n
                 method=method, num_steps=num_steps, eta=None if eta < 0 else eta,
                 spacing=spacing, rho=rho)
   if task == 'forecast':
-    result = series_tasks.forecast(sample_fn, params, out, horizon=horizon, **common)
+    result = series_tasks.forecast(sample_fn, run.params, config, run.data_stats, out,
+                                   horizon=horizon, **common)
   else:
-    result = series_tasks.impute(sample_fn, params, out, missing=missing, block=block, **common)
+    result = series_tasks.impute(sample_fn, run.params, config, run.data_stats, out,
+                                 missing=missing, block=block, **common)
   if result:
     print(series_tasks.format_scores(result))
   print(f'wrote {out}')
@@ -105,8 +109,9 @@ def generate(ckpt: str, out: str, *, num_samples: int = 64, method: str = '',
   if num_samples < 1:
     raise InputError(f'--num_samples must be at least 1, got {num_samples}')
   # A distillation workdir: --num_steps picks its student (default: the fewest steps).
-  sample_fn, params = inference.load_sampler(ckpt, student_steps=num_steps or None)
-  config = sample_fn.config
+  run = workdir_lib.load_run(ckpt, student_steps=num_steps or None)
+  config, params = run.config, run.params
+  sample_fn = inference.make_sample_fn(run.model, config, run.data_stats)
   # Validated before anything is written: sample_fn checks the same again per batch.
   method, num_steps, steps = inference.resolve_method(
       config, config_lib.schedule_from_config(config), method, num_steps or None)
@@ -117,7 +122,7 @@ def generate(ckpt: str, out: str, *, num_samples: int = 64, method: str = '',
     if not config_lib.is_series(config):
       raise InputError(f'--task={task} needs a time-series run; {ckpt} models images')
     file_checks.check_output_folder(out, overwrite, '--out')
-    return _series_task(sample_fn, params, config, task, out, num_samples=num_samples,
+    return _series_task(sample_fn, run, task, out, num_samples=num_samples,
                         method=method, num_steps=num_steps, eta=eta, seed=seed,
                         batch_size=batch_size, evaluate=evaluate, horizon=horizon, series=series,
                         num_windows=num_windows, missing=missing, block=block, season=season,
@@ -125,7 +130,7 @@ def generate(ckpt: str, out: str, *, num_samples: int = 64, method: str = '',
   if evaluate and not config_lib.is_series(config):
     evaluation.check_before_sampling(config, fid_stats, inception_weights, allow_unknown_weights)
   label_array = parse_labels(labels, num_samples)
-  inference.check_labels(sample_fn.model, label_array, num_samples)
+  inference.check_labels(run.model, label_array, num_samples)
   batch_size = min(batch_size or config.sampling.batch_size, num_samples)
   kwargs = dict(method=method, num_steps=num_steps, spacing=spacing, rho=rho,
                 eta=None if eta < 0 else eta,
@@ -143,12 +148,12 @@ def generate(ckpt: str, out: str, *, num_samples: int = 64, method: str = '',
   finally:
     progress.close()
   elapsed = time.time() - start
-  print(f'{num_samples} samples from {sample_fn.workdir} (checkpoint {sample_fn.step}) with '
+  print(f'{num_samples} samples from {run.workdir} (checkpoint {run.step}) with '
         f'{method} ({steps} steps) in {elapsed:.1f} s, compilation included')
   file_checks.create_output_folder(out)
 
   if config_lib.is_series(config):
-    timeseries.write_series_outputs(samples, config, sample_fn.data_stats, out, evaluate)
+    timeseries.write_series_outputs(samples, config, run.data_stats, out, evaluate)
   else:
     uint8 = np.round(samples * 255).astype(np.uint8)
     np.savez(out / 'samples.npz', uint8)
@@ -158,9 +163,9 @@ def generate(ckpt: str, out: str, *, num_samples: int = 64, method: str = '',
       for i, image in enumerate(uint8):
         images.save_png(image, folder / f'{i:06d}.png')
     if evaluate:
-      scores = evaluation.evaluate_images(uint8, config, sample_fn.workdir, label_array,
+      scores = evaluation.evaluate_images(uint8, config, run.workdir, label_array,
                                           fid_stats, inception_weights, allow_unknown_weights)
-      scores.update(method=method, steps=steps, checkpoint=sample_fn.step)
+      scores.update(method=method, steps=steps, checkpoint=run.step)
       (out / 'metrics.json').write_text(json.dumps(scores, indent=2) + '\n')
       print('  '.join(f'{k} {v:.4g}' for k, v in scores.items() if isinstance(v, float)))
   if trajectory and config_lib.is_series(config):

@@ -1,20 +1,19 @@
-"""A jitted ``sample_fn`` over a trained network, and loading one from a training workdir."""
+"""A jitted ``sample_fn`` over a trained network (``make_sample_fn``), and one over a run's EMA
+parameters (``load_sampler``; the run itself is loaded by ``ddpm_jax.workdir``)."""
 
 from __future__ import annotations
 
 import functools
-import pathlib
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import (compilation_cache, config_lib, cpu_backend, diffusion, masking, sampling,
-                      series_data, sharding, train_state)
-from ddpm_jax.checkpointing import Checkpointer, DamagedCheckpoint
-from ddpm_jax.errors import CheckpointError, InputError
-from ddpm_jax.models import create_model, model_apply
+from ddpm_jax import config_lib, diffusion, masking, sampling, series_data, sharding
+from ddpm_jax import workdir as workdir_lib
+from ddpm_jax.errors import InputError
+from ddpm_jax.models import model_apply
 
 
 def to_data_space(x, config, data_stats: Optional[dict] = None):
@@ -241,119 +240,14 @@ def make_sample_fn(model, config, data_stats: Optional[dict] = None):
   return sample_fn
 
 
-def resolve_checkpoint(path) -> tuple[pathlib.Path, Optional[int]]:
-  """A workdir, its checkpoints folder or one step folder -> (workdir, step or None = newest)."""
-  path = pathlib.Path(path).expanduser()
-  if not path.exists():
-    raise FileNotFoundError(f'--ckpt {path} does not exist')
-  if path.name.isdigit() and path.parent.name == 'checkpoints':
-    return path.parent.parent, int(path.name)
-  if path.name == 'checkpoints':
-    return path.parent, None
-  return path, None
-
-
-# A distillation workdir (ddpm_jax.distiller) holds one run per stage: students/<N>_steps/,
-# each with STAGE_DONE once its stage has finished.
-STUDENTS = 'students'
-STAGE_DONE = 'distilled.json'
-
-
-def student_folder(workdir, num_steps: int) -> pathlib.Path:
-  return pathlib.Path(workdir) / STUDENTS / f'{num_steps}_steps'
-
-
-def finished_students(workdir) -> dict:
-  """{steps: folder} of the finished stages of a distillation workdir."""
-  folder = pathlib.Path(workdir) / STUDENTS
-  found = {}
-  if folder.is_dir():
-    for path in folder.iterdir():
-      steps = path.name[:-len('_steps')]
-      if path.name.endswith('_steps') and steps.isdigit() and (path / STAGE_DONE).is_file():
-        found[int(steps)] = path
-  return found
-
-
-def pick_student(workdir, num_steps: Optional[int]) -> pathlib.Path:
-  """The finished student of a distillation workdir with ``num_steps`` steps (None: the one
-  with the fewest)."""
-  found = finished_students(workdir)
-  if not found:
-    raise FileNotFoundError(f'{workdir} is a distillation run whose first stage has not finished '
-                            f'yet; sample one of {workdir / STUDENTS}/*/ or wait')
-  if num_steps is None:
-    return found[min(found)]
-  if num_steps not in found:
-    raise InputError(f'{workdir} has students for {", ".join(map(str, sorted(found)))} steps; '
-                     f'--num_steps={num_steps} is none of them')
-  return found[num_steps]
-
-
-def check_finite_params(params, source: str) -> None:
-  """One line naming the first parameter with a NaN or infinity (a downloaded run, say), which
-  would otherwise sample black images without a word."""
-  leaves = jax.tree_util.tree_leaves_with_path(params)
-  finite = sharding.to_host(jax.jit(train_state.finite_leaves)(params))
-  if not finite.all():
-    name = jax.tree_util.keystr(leaves[int(np.argmin(finite))][0])
-    raise InputError(f'{source}: parameter {name} holds NaN or infinite values; the run is '
-                     'not usable (train it again, or use an earlier checkpoint)')
-
-
 def load_sampler(path, step: Optional[int] = None, student_steps: Optional[int] = None):
-  """Loads the EMA parameters of a training run and a jitted sample_fn for them.
+  """A jitted ``sample_fn`` over the EMA parameters of a run: ``(sample_fn, params)``.
 
-  ``path``: the workdir, ``<workdir>/checkpoints`` or one ``<workdir>/checkpoints/<step>``. A
-  distillation workdir stands for its finished student of ``student_steps`` steps (None: the
-  fewest), whose config samples with its own step count.
-  Without a step, the newest checkpoint that restores is used (a damaged newer one is reported
-  and skipped; nothing is renamed). The parameters are placed on every local device (on every
-  device of every process in a multi-process run), whatever topology wrote them. Returns
-  ``(sample_fn, ema_params)``; ``sample_fn.config``, ``.model``, ``.step`` and ``.data_stats``
-  describe what was loaded. Turns on JAX's persistent compilation cache
-  (``ddpm_jax.compilation_cache``) unless it is switched off, and XLA:CPU's own convolutions
-  when no JAX backend has started yet (``ddpm_jax.cpu_backend``).
+  ``path``, ``step`` and ``student_steps`` are those of ``ddpm_jax.workdir.load_run``, which
+  gives the config, model and step as well.
   """
-  compilation_cache.enable()
-  cpu_backend.configure()
-  workdir, path_step = resolve_checkpoint(path)
-  if (workdir / STUDENTS).is_dir():
-    workdir = pick_student(workdir, student_steps)
-  config = config_lib.read_workdir_config(workdir)
-  model = create_model(config)
-  abstract = train_state.abstract_state(config, model)
-  replicated = sharding.replicated(sharding.make_mesh())
-  checkpointer = Checkpointer(workdir / 'checkpoints', read_only=True)
-  try:
-    steps = checkpointer.all_steps()
-    wanted = step if step is not None else path_step
-    if not steps:
-      raise FileNotFoundError(f'{workdir / "checkpoints"} holds no complete checkpoint')
-    if wanted is not None and wanted not in steps:
-      raise FileNotFoundError(f'no complete checkpoint {wanted} in {workdir / "checkpoints"} '
-                              f'(complete: {steps})')
-    if wanted is not None:
-      try:
-        restored = checkpointer.restore(wanted, abstract, replicated)
-      except DamagedCheckpoint as damage:
-        raise CheckpointError(f'checkpoint {wanted} in {workdir / "checkpoints"} is damaged '
-                              f'({damage}); pass the workdir to use the newest one that '
-                              f'restores') from None
-    else:
-      restored = checkpointer.restore_latest(abstract, replicated)
-      if restored is None:
-        raise CheckpointError(f'none of the checkpoints {steps} in {workdir / "checkpoints"} '
-                              f'restores: all are damaged')
-  finally:
-    checkpointer.close()
-  check_finite_params(restored.state.ema_params, f'checkpoint {restored.step} in {workdir}')
-  data_stats = restored.extras.get('data_stats')
-  sample_fn = make_sample_fn(model, config, data_stats)
-  sample_fn.config, sample_fn.model, sample_fn.step = config, model, restored.step
-  sample_fn.workdir = workdir
-  sample_fn.data_stats = data_stats
-  return sample_fn, restored.state.ema_params
+  run = workdir_lib.load_run(path, step, student_steps)
+  return make_sample_fn(run.model, run.config, run.data_stats), run.params
 
 
 def sample_in_batches(sample_fn, params, key, num_samples: int, batch_size: int, **kwargs):

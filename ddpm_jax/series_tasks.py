@@ -157,13 +157,13 @@ def _normalize(values: np.ndarray, stats: dict) -> np.ndarray:
   return series_data.normalize(np.nan_to_num(values), stats)
 
 
-def forecast(sample_fn, params, out: pathlib.Path, *, horizon: int, series_path: str = '',
+def forecast(sample_fn, params, config, stats: dict, out: pathlib.Path, *, horizon: int, series_path: str = '',
              evaluate: bool = False, num_windows: int = 100, num_samples: int = 100,
              season: int = 24, seed: int = 0, batch_size: int = 256,
              progress_factory: Callable = None, **options) -> dict:
   """Forecasts ``horizon`` steps (see the module docstring); writes forecast.npz, forecast.csv,
-  forecast.png (and metrics.json with ``evaluate``). Returns the metrics (or {})."""
-  config, stats = sample_fn.config, sample_fn.data_stats
+  forecast.png (and metrics.json with ``evaluate``). Returns the metrics (or {}). ``config``
+  and ``stats`` are the run's (``ddpm_jax.workdir.Run``)."""
   length, channels = config.data.window, config.data.channels
   mask = masking.forecast_mask(length, channels, horizon)
   series = SeriesInput(config, stats, series_path)
@@ -247,13 +247,13 @@ def _covering_starts(rows: int, length: int) -> np.ndarray:
   return np.array(starts)
 
 
-def impute(sample_fn, params, out: pathlib.Path, *, series_path: str = '',
+def impute(sample_fn, params, config, stats: dict, out: pathlib.Path, *, series_path: str = '',
            evaluate: bool = False, num_windows: int = 100, num_samples: int = 100,
            missing: float = 0.3, block: int = 0, season: int = 24, seed: int = 0,
            batch_size: int = 256, progress_factory: Callable = None, **options) -> dict:
   """Fills missing values (see the module docstring); writes imputed.csv, imputed.png,
-  imputation.npz (and metrics.json with ``evaluate``). Returns the metrics (or {})."""
-  config, stats = sample_fn.config, sample_fn.data_stats
+  imputation.npz (and metrics.json with ``evaluate``). Returns the metrics (or {}). ``config``
+  and ``stats`` are the run's (``ddpm_jax.workdir.Run``)."""
   length = config.data.window
   series = SeriesInput(config, stats, series_path)
   if evaluate:

@@ -17,24 +17,10 @@ import numpy as np
 from ddpm_jax import (config_lib, digits_quality, file_checks, images, inference,
                       input_pipeline, run_log, sharding, timeseries, train_state)
 from ddpm_jax import progress as progress_lib
+from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.checkpointing import Checkpointer
 from ddpm_jax.errors import InputError, Interrupted, TrainingError
 from ddpm_jax.models import create_model
-
-
-def prepare_workdir(workdir: pathlib.Path, config) -> None:
-  """Writes config.json, or checks that the one there fits the checkpoints it describes."""
-  workdir.mkdir(parents=True, exist_ok=True)
-  path = workdir / 'config.json'
-  if path.exists() and (workdir / 'checkpoints').is_dir() and \
-      any(p.name.isdigit() for p in (workdir / 'checkpoints').iterdir()):
-    diffs = config_lib.checkpoint_differences(config_lib.read_workdir_config(workdir), config)
-    if diffs:
-      raise InputError(f'{workdir} holds checkpoints of another config ({"; ".join(diffs)}); '
-                       f'use a new --workdir or the original settings')
-  sharding.barrier('config_checked')  # nobody reads config.json while process 0 writes it
-  if sharding.is_main_process():
-    path.write_text(config_lib.to_json(config))
 
 
 class SignalFlag:
@@ -140,7 +126,7 @@ def run_in_workdir(config, workdir: pathlib.Path, mesh, model, init, data_iter, 
                    make_step, label: str = '') -> train_state.TrainState:
   """Writes (or checks) ``workdir``'s config.json, then ``train_loop`` with orbax's log in
   train.log."""
-  prepare_workdir(workdir, config)
+  workdir_lib.write_config(workdir, config)
   with run_log.LibraryLogToFile(_library_log(workdir)):
     return train_loop(config, workdir, mesh, model, init, data_iter, data_stats, make_step,
                       label)

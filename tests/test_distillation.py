@@ -18,6 +18,7 @@ from ddpm_jax.configs import distill as distill_config
 from ddpm_jax import (distillation, distiller, inference, sampling, schedules, train_state,
                       trainer)
 from ddpm_jax.errors import InputError
+from ddpm_jax import workdir as workdir_lib
 from tests.analytic import gaussian_mixture_eps
 from tests.helpers import REPO_ROOT, error_lines, run_script, tiny_config
 
@@ -174,27 +175,28 @@ def test_stages_are_runs_and_a_resumed_distillation_equals_an_uninterrupted_one(
     assert saved['sampling']['num_steps'] == steps and saved['sampling']['spacing'] == 'trailing'
     assert saved['diffusion']['target'] == 'v' and saved['distill']['teacher_steps'] == 2 * steps
     assert (folder / 'samples' / 'step_0000004.png').is_file()
-    assert json.loads((folder / inference.STAGE_DONE).read_text())['step'] == 4
+    assert json.loads((folder / workdir_lib.STAGE_DONE).read_text())['step'] == 4
 
   config = _distill_config()
   resumed = tmp_path / 'resumed'
   distiller.distill(config, str(teacher), str(resumed))
   # As if killed (kill -9) during the last stage's step 3: only its checkpoint 2 is complete.
-  last = inference.student_folder(resumed, 2)
-  (last / inference.STAGE_DONE).unlink()
+  last = workdir_lib.student_folder(resumed, 2)
+  (last / workdir_lib.STAGE_DONE).unlink()
   shutil.rmtree(last / 'checkpoints' / '4')
   distiller.distill(config, str(teacher), str(resumed))
   for steps in (4, 2):
-    _leaves_close(_params(straight[steps]), _params(inference.student_folder(resumed, steps)))
+    _leaves_close(_params(straight[steps]), _params(workdir_lib.student_folder(resumed, steps)))
 
   # The workdir stands for its fewest-step student, which samples with its own steps.
+  run = workdir_lib.load_run(resumed)
+  assert run.config.sampling.num_steps == 2 and run.workdir == last
+  assert run.config.sampling.method == 'ddim'
   sample_fn, params = inference.load_sampler(resumed)
-  assert sample_fn.config.sampling.num_steps == 2 and sample_fn.workdir == last
-  assert sample_fn.config.sampling.method == 'ddim'
   images = sample_fn(params, jax.random.key(0), 3)
   assert images.shape == (3, 8, 8, 1) and np.isfinite(np.asarray(images)).all()
-  assert inference.load_sampler(resumed, student_steps=4)[0].workdir == \
-      inference.student_folder(resumed, 4)
+  assert workdir_lib.load_run(resumed, student_steps=4).workdir == \
+      workdir_lib.student_folder(resumed, 4)
 
   with pytest.raises(InputError, match='other settings'):
     distiller.distill(_distill_config(steps_per_stage=6), str(teacher), str(resumed))
@@ -215,9 +217,9 @@ def test_the_docs_commands_on_two_devices_give_the_students_and_sample_py_picks_
   result = run_script(*commands[0][1:], *overrides, env=two_devices)
   assert result.returncode == 0, result.stderr[-2000:]
   assert 'stage 2/2 (4 -> 2 steps)' in result.stdout and '2 cpu device(s)' in result.stdout
-  assert sorted(inference.finished_students(workdir)) == [2, 4]
+  assert sorted(workdir_lib.finished_students(workdir)) == [2, 4]
   # The batch split over two devices: the students of the one-device run.
-  _leaves_close(_params(inference.student_folder(workdir, 2)), _params(straight[2]), 1e-4)
+  _leaves_close(_params(workdir_lib.student_folder(workdir, 2)), _params(straight[2]), 1e-4)
   for command, steps in ((commands[1], 2), (commands[2], 4)):
     result = run_script(*command[1:], '--num_samples=4')
     assert result.returncode == 0, result.stderr[-2000:]

@@ -12,10 +12,11 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import config_lib, inference, sharding, train_state, trainer
+from ddpm_jax import inference, sharding, train_state, trainer
 from ddpm_jax.checkpointing import Checkpointer
 from ddpm_jax.errors import LaunchError
 from ddpm_jax.models import create_model
+from ddpm_jax import workdir as workdir_lib
 from tests.helpers import REPO_ROOT, tiny_config
 
 TINY = ['train.py', '--config=tests/tiny_config.py']
@@ -57,7 +58,7 @@ def _run(args, devices=1, timeout=300):
 
 def _final_state(workdir):
   """The newest checkpoint of a run, restored here (one device, whatever wrote it)."""
-  config = config_lib.read_workdir_config(workdir)
+  config = workdir_lib.read_config(workdir)
   model = create_model(config)
   checkpointer = Checkpointer(workdir / 'checkpoints', read_only=True)
   try:

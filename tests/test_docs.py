@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_jax import inference
+from ddpm_jax import workdir as workdir_lib
 from tests import doc_commands, test_interop
 from tests.doc_commands import TINY, doc_block, python_block, run, sandbox
 from tests.helpers import REPO_ROOT
@@ -211,9 +211,9 @@ def test_diffusers_commands_and_snippet(tmp_path, monkeypatch):
   assert result.returncode == 0, result.stderr[-3000:]
   # load_sampler takes it as a run of its own, with the diffusers weights as EMA parameters.
   converted = box / 'runs' / 'ddpm_cifar10'
-  sample_fn, params = inference.load_sampler(converted)
+  run_record = workdir_lib.load_run(converted)
   expected = np.load(reference / 'reference.npz')
-  np.testing.assert_allclose(test_interop._forward(sample_fn.model, params, expected),
+  np.testing.assert_allclose(test_interop._forward(run_record.model, run_record.params, expected),
                              expected['out'], rtol=0, atol=test_interop.ATOL)
   # The paper's sampler takes T = 1000 calls; two samples keep that to seconds.
   result = run(f'{sample} --num_samples=2', box)

@@ -28,10 +28,8 @@ def _ar1_csv(path, rows: int, seed: int = 0):
 
 
 def _exact_sampler(config):
-  """sample_fn of the exact conditional AR(1) denoiser, as load_sampler would describe it."""
-  sample_fn = inference.make_sample_fn(ExactDenoiser(True), config, STATS)
-  sample_fn.config, sample_fn.data_stats = config, STATS
-  return sample_fn
+  """sample_fn of the exact conditional AR(1) denoiser."""
+  return inference.make_sample_fn(ExactDenoiser(True), config, STATS)
 
 
 def _gaussian_crps(mean, sd, y):
@@ -52,7 +50,7 @@ def test_impute_eval_crps_is_the_conditional_gaussians_closed_form(tmp_path, hid
   config.data.stride = 1
   config.data.val_fraction, config.data.test_fraction = 0.1, 0.2
   _ar1_csv(tmp_path / 'ar1.csv', 400)
-  result = series_tasks.impute(_exact_sampler(config), {}, tmp_path / 'out', evaluate=True,
+  result = series_tasks.impute(_exact_sampler(config), {}, config, STATS, tmp_path / 'out', evaluate=True,
                                num_windows=8, num_samples=300, seed=1, batch_size=2400,
                                method='ddpm', **hide)
   with np.load(tmp_path / 'out' / 'imputation.npz') as saved:
@@ -109,7 +107,7 @@ def test_a_forecast_past_the_end_of_a_csv_has_the_next_dated_rows(tmp_path):
   config.data.path = str(tmp_path / 'ar1.csv')
   values = _ar1_csv(tmp_path / 'ar1.csv', 50)
   horizon = 4
-  result = series_tasks.forecast(_exact_sampler(config), {}, tmp_path / 'out', horizon=horizon,
+  result = series_tasks.forecast(_exact_sampler(config), {}, config, STATS, tmp_path / 'out', horizon=horizon,
                                  num_samples=400, seed=0, batch_size=400, method='ddpm')
   assert result == {}
   with np.load(tmp_path / 'out' / 'forecast.npz') as saved:

@@ -15,6 +15,7 @@ from scipy import stats
 from ddpm_jax.configs import default
 from ddpm_jax import (generate, inference, input_pipeline, masking, metrics, sampling,
                       schedules, series_tasks, trainer)
+from ddpm_jax import workdir as workdir_lib
 from tests.helpers import run_script, skip_unless_ci, tiny_config
 
 LENGTH, PHI = 12, 0.8
@@ -284,10 +285,11 @@ def test_impute_fills_only_the_gaps(masked_run, tmp_path, shared_data_module):
   cells[20][1] = ''
   path = tmp_path / 'gaps.csv'
   path.write_text('\n'.join(','.join(row) for row in cells) + '\n')
-  sample_fn, params = inference.load_sampler(masked_run)
+  run = workdir_lib.load_run(masked_run)
+  sample_fn = inference.make_sample_fn(run.model, run.config, run.data_stats)
   out = tmp_path / 'impute'
-  series_tasks.impute(sample_fn, params, out, series_path=str(path), num_samples=4,
-                      method='ddim', num_steps=3)
+  series_tasks.impute(sample_fn, run.params, run.config, run.data_stats, out,
+                      series_path=str(path), num_samples=4, method='ddim', num_steps=3)
   rows = [line.split(',') for line in (out / 'imputed.csv').read_text().splitlines()]
   header, body = rows[0], rows[1:]
   assert len(body) == 40 and header[:8] == cells[0]

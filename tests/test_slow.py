@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from ddpm_jax.configs import digits
-from ddpm_jax import config_lib, sharding, train_state, trainer
+from ddpm_jax import sharding, train_state, trainer
 from ddpm_jax.checkpointing import Checkpointer
 from ddpm_jax.models import create_model
+from ddpm_jax import workdir as workdir_lib
 from tests.helpers import REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -32,7 +33,7 @@ def _start(workdir):
 
 
 def _final_state(workdir):
-  config = config_lib.read_workdir_config(workdir)
+  config = workdir_lib.read_config(workdir)
   model = create_model(config)
   checkpointer = Checkpointer(workdir / 'checkpoints', read_only=True)
   restored = checkpointer.restore(checkpointer.all_steps()[-1],

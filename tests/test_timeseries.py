@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from ddpm_jax.configs import power_small
-from ddpm_jax import input_pipeline, metrics, series_data
+from ddpm_jax import inference, input_pipeline, metrics, series_data
+from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.series_data import LazyWindows
 
 
@@ -146,15 +147,15 @@ def test_series_run_end_to_end_in_original_units(tmp_path):
   assert samples.shape == (6, 16, 2)
   # What was written is sample_fn's output, and that is the model's output in original units.
   import jax
-  from ddpm_jax import inference
+  run = workdir_lib.load_run(tmp_path / 'run')
   sample_fn, params = inference.load_sampler(tmp_path / 'run')
-  stats = sample_fn.data_stats
+  stats = run.data_stats
   assert stats['columns'] == ['load', 'temp'] and abs(stats['mean'][0] - 1000) < 5
   direct = sample_fn(params, jax.random.fold_in(jax.random.key(0), 0), 6, method='ddim',
                      num_steps=4)
   np.testing.assert_allclose(samples, direct, rtol=1e-5)
   model_space = np.asarray(jax.numpy.ones((1, 16, 2)))
-  np.testing.assert_allclose(inference.to_data_space(model_space, sample_fn.config, stats)[0, 0],
+  np.testing.assert_allclose(inference.to_data_space(model_space, run.config, stats)[0, 0],
                              np.asarray(stats['mean']) + np.asarray(stats['std']), rtol=1e-6)
   lines = (out / 'samples.csv').read_text().splitlines()
   assert lines[0] == 'sample,step,load,temp' and len(lines) == 1 + 6 * 16

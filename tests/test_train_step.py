@@ -14,6 +14,7 @@ import pytest
 from ddpm_jax import config_lib, input_pipeline, losses, sharding, train_state, trainer
 from ddpm_jax.checkpointing import Checkpointer
 from ddpm_jax.models import create_model, model_apply
+from ddpm_jax import workdir as workdir_lib
 from tests.helpers import tiny_config
 
 
@@ -172,7 +173,7 @@ def test_importance_sampling_history_is_saved_and_restored(tmp_path):
   history = state.loss_history
   assert int(history.counts.sum()) == 4 * config.training.batch_size
   assert float(history.mean_sq_loss.max()) > 0
-  resolved = config_lib.read_workdir_config(tmp_path / 'run')
+  resolved = workdir_lib.read_config(tmp_path / 'run')
   model = create_model(resolved)
   checkpointer = Checkpointer(tmp_path / 'run' / 'checkpoints', read_only=True)
   try:

@@ -11,6 +11,7 @@ import pytest
 
 from ddpm_jax import config_lib, inference, schedules, train_state, trainer
 from ddpm_jax.models import create_model
+from ddpm_jax import workdir as workdir_lib
 from tests.helpers import REPO_ROOT, error_lines, run_script, tiny_config
 
 
@@ -35,7 +36,7 @@ def test_end_to_end_tfds_mock_then_restore(tmp_path):
   assert [r['step'] for r in records if 'loss' in r] == [2, 4]
   assert all(np.isfinite(r['loss']) for r in records if 'loss' in r)
   sample_fn, params = inference.load_sampler(tmp_path)
-  assert sample_fn.step == 4
+  assert workdir_lib.load_run(tmp_path).step == 4
   _params_close(params, state.ema_params, 0)
   samples = sample_fn(params, jax.random.key(0), 2, labels=jnp.array([1, 2]))
   assert samples.shape == (2, 32, 32, 3) and 0 <= samples.min() and samples.max() <= 1
@@ -106,8 +107,8 @@ def test_diverging_run_stops_naming_the_steps_and_keeps_its_checkpoint(tmp_path)
   with pytest.raises(trainer.TrainingError, match=r'3 updates in a row .*steps (\d+)\.\.(\d+).*'
                                                    r'Checkpoint \d+ is intact'):
     trainer.train(config, tmp_path / 'run')
-  sample_fn, params = inference.load_sampler(tmp_path / 'run')  # what was saved still restores
-  assert sample_fn.step >= 1
+  run = workdir_lib.load_run(tmp_path / 'run')  # what was saved still restores
+  assert run.step >= 1
 
 
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
@@ -269,8 +270,7 @@ def test_truncated_newest_checkpoint_reader_warns_and_renames_nothing_trainer_se
   _truncate_every_file(checkpoints / '4')
   capsys.readouterr()
   # A reader (load_sampler, sample.py) uses checkpoint 2 and changes no files.
-  sample_fn, _ = inference.load_sampler(tmp_path / 'run')
-  assert sample_fn.step == 2
+  assert workdir_lib.load_run(tmp_path / 'run').step == 2
   err = capsys.readouterr().err
   assert 'checkpoint 4 is damaged' in err and 'skipped it' in err
   assert sorted(p.name for p in checkpoints.iterdir()) == ['2', '4']
@@ -293,7 +293,7 @@ def test_checkpoint_of_another_model_is_an_error_and_is_not_renamed(tmp_path):
   from ddpm_jax.checkpointing import Checkpointer
   from ddpm_jax.errors import CheckpointError
   config, checkpoints = _two_checkpoints(tmp_path)
-  other = config_lib.read_workdir_config(tmp_path / 'run')
+  other = workdir_lib.read_config(tmp_path / 'run')
   other.model.ch = 24
   checkpointer = Checkpointer(checkpoints)
   abstract = train_state.abstract_state(other, create_model(other))

@@ -24,6 +24,7 @@ from ddpm_jax import (checkpointing, cli, config_lib, file_checks, image_metrics
 from ddpm_jax.errors import InputError
 from ddpm_jax.models import create_model
 from ddpm_jax.configs import default
+from ddpm_jax import workdir as workdir_lib
 from tests.helpers import REPO_ROOT, error_lines, run_script, tiny_config
 from tests.test_interop import _broken_copy
 
@@ -518,10 +519,8 @@ def test_flipped_bytes_in_a_checkpoint_are_found_by_its_digests(two_checkpoint_r
   data = bytearray(victim.read_bytes())
   data[100:164] = bytes(b ^ 0xFF for b in data[100:164])  # 64 bytes flipped
   victim.write_bytes(bytes(data))
-  from ddpm_jax import inference
   before = _snapshot(run)
-  sample_fn, _ = inference.load_sampler(run)  # a reader: uses 2, says so, renames nothing
-  assert sample_fn.step == 2
+  assert workdir_lib.load_run(run).step == 2  # a reader: uses 2, says so, renames nothing
   assert _snapshot(run) == before
   config = config.copy_and_resolve_references()
   config.training.num_steps = 6
@@ -617,6 +616,6 @@ def test_a_run_with_nan_parameters_or_a_broken_config_is_one_line(two_checkpoint
   poisoned = jax.tree_util.tree_map_with_path(
       lambda path, x: x.at[(0,) * x.ndim].set(jnp.nan) if path == leaf_path else x, poisoned)
   with pytest.raises(InputError, match=r'parameter \[.*holds NaN or infinite values'):
-    inference.check_finite_params(poisoned, 'the run')
-  inference.check_finite_params(params, 'the run')  # the real ones pass
+    workdir_lib.check_finite_params(poisoned, 'the run')
+  workdir_lib.check_finite_params(params, 'the run')  # the real ones pass
 

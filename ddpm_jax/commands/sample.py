@@ -8,7 +8,8 @@ samples.csv and windows.png for time series.
 
 from absl import app, flags
 
-from ddpm_jax import cli, generate, inference
+from ddpm_jax import cli, generate
+from ddpm_jax import workdir as workdir_lib
 
 flags.DEFINE_string('ckpt', None, 'A training workdir, its checkpoints/ or one checkpoints/<step>.')
 flags.DEFINE_string('out', '', 'Output folder (default: <workdir>/generated/<method>).')
@@ -61,7 +62,7 @@ def main(argv):
 
   def run():
     folder = 'generated' if f.task == 'generate' else f.task + ('_eval' if f.eval else '')
-    out = f.out or str(inference.resolve_checkpoint(f.ckpt)[0] / folder / (f.method or 'default'))
+    out = f.out or str(workdir_lib.resolve_checkpoint(f.ckpt)[0] / folder / (f.method or 'default'))
     generate.generate(f.ckpt, out, num_samples=f.num_samples, method=f.method,
                       num_steps=f.num_steps, eta=f.eta, seed=f.seed, batch_size=f.batch_size,
                       png_dir=f.png_dir, trajectory=f.trajectory, labels=f.labels,
