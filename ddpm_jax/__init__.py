@@ -6,7 +6,7 @@ Public names: ``schedules`` (linear, cosine, from_betas, vp_linear, vp_cosine), 
 of a run), ``load_run`` (a run folder as a ``Run``: config, model, EMA parameters, step),
 ``load_sampler``,
 ``make_sample_fn``, ``LazyWindows`` and ``interop`` (the diffusers format). They are
-imported on first use, so that ``import ddpm_jax.timeseries`` (say) does not pull in Flax
+imported on first use, so that ``import ddpm_jax.series_outputs`` (say) does not pull in Flax
 and orbax.
 """
 

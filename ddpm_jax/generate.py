@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import (config_lib, evaluation, file_checks, images, inference, masking, progress,
-                      series_tasks, timeseries)
+                      series_outputs, series_tasks)
 from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.errors import InputError
 
@@ -153,7 +153,7 @@ def generate(ckpt: str, out: str, *, num_samples: int = 64, method: str = '',
   file_checks.create_output_folder(out)
 
   if config_lib.is_series(config):
-    timeseries.write_series_outputs(samples, config, run.data_stats, out, evaluate)
+    series_outputs.write_series_outputs(samples, config, run.data_stats, out, evaluate)
   else:
     uint8 = np.round(samples * 255).astype(np.uint8)
     np.savez(out / 'samples.npz', uint8)

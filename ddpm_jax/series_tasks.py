@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from matplotlib.figure import Figure
 
-from ddpm_jax import (config_lib, file_checks, inference, input_pipeline, masking, metrics, plots,
+from ddpm_jax import (config_lib, file_checks, inference, input_pipeline, masking, plots, series_metrics,
                       series_data)
 from ddpm_jax.errors import InputError
 
@@ -221,11 +221,11 @@ def forecast(sample_fn, params, config, stats: dict, out: pathlib.Path, *, horiz
   hidden = np.ones(target.shape, bool)
   train_rows = series.values[:source.row_ranges['train'][1]]
   result = _result(config, 'forecast', dict(horizon=horizon), len(windows), num_samples, elapsed, {
-      'model': metrics.probabilistic_scores(future, target, hidden),
-      'seasonal_naive': metrics.probabilistic_scores(
-          metrics.seasonal_naive(context, horizon, season)[:, None], target, hidden),
-      'climatology': metrics.probabilistic_scores(
-          metrics.climatology_samples(train_rows, num_samples, target.shape, seed), target,
+      'model': series_metrics.probabilistic_scores(future, target, hidden),
+      'seasonal_naive': series_metrics.probabilistic_scores(
+          series_metrics.seasonal_naive(context, horizon, season)[:, None], target, hidden),
+      'climatology': series_metrics.probabilistic_scores(
+          series_metrics.climatology_samples(train_rows, num_samples, target.shape, seed), target,
           hidden)})
   (out / 'metrics.json').write_text(json.dumps(result, indent=2) + '\n')
   return result
@@ -294,14 +294,14 @@ def impute(sample_fn, params, config, stats: dict, out: pathlib.Path, *, series_
   if evaluate:
     hidden = masks == 0
     train_rows = series.values[:source.row_ranges['train'][1]]
-    profile = metrics.seasonal_profile(train_rows, 0, first_rows[:, None] + np.arange(length),
+    profile = series_metrics.seasonal_profile(train_rows, 0, first_rows[:, None] + np.arange(length),
                                        season)
     settings = dict(block=block) if block else dict(missing=missing)
     result = _result(config, 'impute', settings, len(windows), num_samples, elapsed, {
-        'model': metrics.probabilistic_scores(samples, windows, hidden),
-        'linear_interpolation': metrics.probabilistic_scores(
-            metrics.linear_interpolation(windows, masks)[:, None], windows, hidden),
-        'seasonal_profile': metrics.probabilistic_scores(profile[:, None], windows, hidden)})
+        'model': series_metrics.probabilistic_scores(samples, windows, hidden),
+        'linear_interpolation': series_metrics.probabilistic_scores(
+            series_metrics.linear_interpolation(windows, masks)[:, None], windows, hidden),
+        'seasonal_profile': series_metrics.probabilistic_scores(profile[:, None], windows, hidden)})
     (out / 'metrics.json').write_text(json.dumps(result, indent=2) + '\n')
     _plot_imputation(windows[0], masks[0], samples[0], series, first_rows[0],
                      out / 'imputed.png', truth=True)

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from ddpm_jax import (config_lib, digits_quality, file_checks, images, inference,
-                      input_pipeline, run_log, sharding, timeseries, train_state)
+                      input_pipeline, run_log, series_outputs, sharding, train_state)
 from ddpm_jax import progress as progress_lib
 from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.checkpointing import Checkpointer
@@ -52,7 +52,7 @@ def write_samples(sample_fn, params, key, config, data_stats, path: pathlib.Path
   if not sharding.is_main_process():
     return
   if config_lib.is_series(config):
-    timeseries.plot_windows(samples[:4], None, path, (data_stats or {}).get('columns'))
+    series_outputs.plot_windows(samples[:4], None, path, (data_stats or {}).get('columns'))
   else:
     images.save_grid(np.round(samples * 255).astype(np.uint8), path)
 

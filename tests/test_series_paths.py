@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ddpm_jax import inference, metrics, series_tasks
+from ddpm_jax import inference, series_metrics, series_tasks
 from tests.test_series_tasks import (LENGTH, PHI, STATS, ExactDenoiser, _conditional_law,
                                      _series_config)
 
@@ -63,17 +63,17 @@ def test_impute_eval_crps_is_the_conditional_gaussians_closed_form(tmp_path, hid
   closed = np.concatenate(closed).mean()
   assert result['scores']['model']['crps'] == pytest.approx(closed, rel=0.05), closed
   hidden = (masks == 0)[..., None]
-  interpolated = metrics.linear_interpolation(target[..., None].astype(np.float64),
+  interpolated = series_metrics.linear_interpolation(target[..., None].astype(np.float64),
                                               masks[..., None])
   assert result['scores']['linear_interpolation'] == pytest.approx(
-      metrics.probabilistic_scores(interpolated[:, None], target[..., None], hidden))
+      series_metrics.probabilistic_scores(interpolated[:, None], target[..., None], hidden))
 
 
 def test_linear_interpolation_is_exact_on_a_linear_series():
   windows = (3.0 * np.arange(16) - 2.0)[None, :, None] * np.ones((2, 1, 3))
   mask = np.ones_like(windows)
   mask[0, 3:7, 0], mask[1, [1, 8, 9, 14], 2] = 0, 0
-  np.testing.assert_allclose(metrics.linear_interpolation(windows * mask, mask), windows,
+  np.testing.assert_allclose(series_metrics.linear_interpolation(windows * mask, mask), windows,
                              atol=1e-12)
 
 
@@ -83,10 +83,10 @@ def test_seasonal_naive_and_profile_are_exact_on_a_periodic_series():
                      np.cos(4 * np.pi * np.arange(24 * 20) / season)], axis=1)  # [480, 2]
   history = np.stack([series[s:s + 48] for s in (5, 100, 200)])  # [K=3, 48, 2]
   future = np.stack([series[s + 48:s + 48 + 30] for s in (5, 100, 200)])
-  np.testing.assert_allclose(metrics.seasonal_naive(history, 30, season), future, atol=1e-12)
+  np.testing.assert_allclose(series_metrics.seasonal_naive(history, 30, season), future, atol=1e-12)
   train_rows = series[:300]
   rows = np.array([[310, 311, 333], [400, 401, 479]])
-  np.testing.assert_allclose(metrics.seasonal_profile(train_rows, 0, rows, season), series[rows],
+  np.testing.assert_allclose(series_metrics.seasonal_profile(train_rows, 0, rows, season), series[rows],
                              atol=1e-12)
 
 
@@ -96,8 +96,8 @@ def test_climatology_crps_on_iid_gaussian_rows_is_one_over_root_pi():
   rng = np.random.default_rng(0)
   train_rows = rng.normal(size=(20_000, 1))
   target = rng.normal(size=(50, 20, 1))
-  samples = metrics.climatology_samples(train_rows, 500, target.shape, seed=1)
-  crps = metrics.probabilistic_scores(samples, target, np.ones_like(target, bool))['crps']
+  samples = series_metrics.climatology_samples(train_rows, 500, target.shape, seed=1)
+  crps = series_metrics.probabilistic_scores(samples, target, np.ones_like(target, bool))['crps']
   # 1,000 targets: the standard error of the mean CRPS is about 0.4 / sqrt(1000) = 0.013.
   assert crps == pytest.approx(1 / math.sqrt(math.pi), abs=0.04)
 

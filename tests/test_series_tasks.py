@@ -13,7 +13,7 @@ import pytest
 from scipy import stats
 
 from ddpm_jax.configs import default
-from ddpm_jax import (generate, inference, input_pipeline, masking, metrics, sampling,
+from ddpm_jax import (generate, inference, input_pipeline, masking, sampling, series_metrics,
                       schedules, series_tasks, trainer)
 from ddpm_jax import workdir as workdir_lib
 from tests.helpers import run_script, skip_unless_ci, tiny_config
@@ -178,15 +178,15 @@ def test_crps_of_a_known_forecast_distribution_equals_its_closed_form():
   samples = rng.normal(mu, s, (1, 40_000, 3, 1))
   z = (target[0, :, 0] - mu) / s
   closed = s * (z * (2 * stats.norm.cdf(z) - 1) + 2 * stats.norm.pdf(z) - 1 / math.sqrt(math.pi))
-  scores = metrics.probabilistic_scores(samples, target, np.ones_like(target, bool))
+  scores = series_metrics.probabilistic_scores(samples, target, np.ones_like(target, bool))
   assert scores['crps'] == pytest.approx(closed.mean(), rel=0.01)
   # A point forecast's CRPS is its absolute error.
-  point = metrics.probabilistic_scores(np.full((1, 1, 3, 1), mu), target,
+  point = series_metrics.probabilistic_scores(np.full((1, 1, 3, 1), mu), target,
                                        np.ones_like(target, bool))
   assert point['crps'] == pytest.approx(point['mae']) == pytest.approx(
       np.abs(target - mu).mean())
   with pytest.raises(ValueError, match='nothing is hidden'):
-    metrics.probabilistic_scores(samples, target, np.zeros_like(target, bool))
+    series_metrics.probabilistic_scores(samples, target, np.zeros_like(target, bool))
 
 
 def test_masks_hide_what_they_say():

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from ddpm_jax.configs import power_small
-from ddpm_jax import inference, input_pipeline, metrics, series_data
+from ddpm_jax import inference, input_pipeline, series_metrics, series_data
 from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.series_data import LazyWindows
 
@@ -72,14 +72,14 @@ def test_metrics_on_known_inputs():
   t = np.arange(48)
   x = np.stack([np.sin(t / 4 + p)[:, None] * [1.0, -2.0] for p in rng.uniform(0, 6, 300)])
   x = x + 0.1 * rng.normal(size=x.shape)
-  same = metrics.compare(x, x)
+  same = series_metrics.compare(x, x)
   assert same['marginal'] < 1e-9 and same['acf'] < 1e-9 and same['cross_corr'] < 1e-9
   assert same['discriminative'] < 0.1
-  shifted = metrics.compare(x + 0.7, x)
+  shifted = series_metrics.compare(x + 0.7, x)
   np.testing.assert_allclose(shifted['marginal'], 0.7, rtol=1e-6)
   assert shifted['acf'] < 1e-9 and shifted['cross_corr'] < 1e-9  # shift-invariant
-  noise = metrics.gaussian_baseline(x, 300)
-  far = metrics.compare(noise, x)
+  noise = series_metrics.gaussian_baseline(x, 300)
+  far = series_metrics.compare(noise, x)
   assert far['acf'] > 0.3 and far['cross_corr'] > 0.5 and far['discriminative'] > 0.3
 
 
@@ -162,7 +162,7 @@ def test_series_run_end_to_end_in_original_units(tmp_path):
   np.testing.assert_allclose([float(v) for v in lines[1].split(',')[2:]], samples[0, 0], rtol=1e-4)
   assert (out / 'windows.png').is_file()
   table = json.loads((out / 'metrics.json').read_text())
-  assert set(table['generated vs real train']) == set(metrics.METRIC_NAMES)
+  assert set(table['generated vs real train']) == set(series_metrics.METRIC_NAMES)
 
 
 def test_handing_the_series_over_normalises_it_in_place():

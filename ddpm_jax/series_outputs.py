@@ -1,4 +1,5 @@
-"""What sample.py writes for a time-series run: samples in original units, CSV, plots, metrics."""
+"""Files of a time-series run's windows (what sample.py writes, and the trainer's windows plot):
+samples in original units, CSV, plots, metrics."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ddpm_jax import input_pipeline, metrics, plots
+from ddpm_jax import input_pipeline, plots, series_metrics
 from ddpm_jax.series_data import denormalize
 
 
@@ -55,6 +56,6 @@ def write_series_outputs(samples: np.ndarray, config, stats: dict, out: pathlib.
     real = denormalize(source.train.get_batch(picks)['x'], stats)
   plot_windows(samples[:2], real, out / 'windows.png', names=names)
   if evaluate:
-    table = metrics.evaluate_against_data(samples, source, stats)
+    table = series_metrics.evaluate_against_data(samples, source, stats)
     (out / 'metrics.json').write_text(json.dumps(table, indent=2))
-    print(metrics.format_table(table))
+    print(series_metrics.format_table(table))
