@@ -14,6 +14,8 @@ from typing import Optional
 
 import jax
 
+from ddpm_jax import user_cache
+
 VARIABLE = 'DDPM_JAX_COMPILATION_CACHE'
 OFF = ('off', '0', 'false', 'no', 'none')
 # Seconds a compilation must take to be kept: the sampler's pieces and the train step take
@@ -22,9 +24,7 @@ MIN_COMPILE_TIME_S = 0.2
 
 
 def default_folder(environ=None) -> pathlib.Path:
-  environ = os.environ if environ is None else environ
-  root = environ.get('XDG_CACHE_HOME') or pathlib.Path.home() / '.cache'
-  return pathlib.Path(root) / 'ddpm_jax' / 'jax-compilation-cache'
+  return user_cache.folder(environ) / 'jax-compilation-cache'
 
 
 def cache_folder(environ=None) -> Optional[pathlib.Path]:

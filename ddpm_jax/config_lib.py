@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from typing import Optional
 
 import ml_collections
 
@@ -154,10 +155,10 @@ def observed_input(config) -> bool:
   return bool(config.model.get('observed_input', MODEL_INPUT_DEFAULTS['observed_input']))
 
 
-def network_input_shape(config) -> tuple:
-  """One example of the network's input: the data's shape, with 3x the channels when the
-  network also takes observed values and their mask."""
-  shape = data_shape(config)
+def network_input_shape(config, shape: Optional[tuple] = None) -> tuple:
+  """One example of the network's input: the data's shape (``shape``, else the config's), with
+  3x the channels when the network also takes observed values and their mask."""
+  shape = tuple(data_shape(config) if shape is None else shape)
   return shape[:-1] + (3 * shape[-1],) if observed_input(config) else shape
 
 

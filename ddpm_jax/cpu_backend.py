@@ -2,18 +2,13 @@
 choose before JAX starts its CPU backend.
 
 XLA:CPU (jax 0.10) hands convolutions to YNNPACK by default. Its own (Eigen) convolutions are
-faster for this UNet's, above all in the backward pass: measured on a 2-core x86_64 CPU, the
-digits config trains at 10.4 steps/s instead of 7.4 and the CIFAR-10 network's training step
-takes 8% less; 1-D series models are unchanged (README, Speed). Dots, reductions and elementwise
-ops stay with YNNPACK. XLA_FLAGS is read once, when the backend starts, so this only takes effect
+faster for this UNet's, above all in the backward pass (docs/performance.md has the
+measurements). Dots, reductions and elementwise ops stay with YNNPACK. XLA_FLAGS is read once, when the backend starts, so this only takes effect
 in a process that has not used JAX's devices yet; a user's own setting of the flag in XLA_FLAGS
 wins, and ``DDPM_JAX_CPU_CONVOLUTIONS=ynnpack`` leaves XLA's default.
 
 Several CPU devices in a process (``--xla_force_host_platform_device_count``) or several processes
-keep XLA's default: Eigen's convolutions share one thread pool, and there YNNPACK's were faster
-(digits on 1 process x 2 devices: 8.7 steps/s against 7.9; the test suite's multi-device runs
-took half as long again with Eigen's). One process with one device and Eigen's convolutions is
-the fastest of them on this CPU (10.3 steps/s).
+keep XLA's default: Eigen's convolutions share one thread pool, and there YNNPACK's were faster.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from ddpm_jax import image_metrics
+from ddpm_jax import image_metrics, input_pipeline, user_cache
 from ddpm_jax.errors import InputError
 
 CACHE_FILE = 'digits_classifier_v1.npz'
@@ -30,13 +30,11 @@ SEED = 0
 
 def split() -> dict:
   """{'train_images', 'train_labels', 'heldout_images', 'heldout_labels'}: uint8 [N, 8, 8, 1]."""
-  from sklearn.datasets import load_digits
-  digits = load_digits()
-  images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  images, labels = input_pipeline.digits_arrays()
   order = np.random.default_rng(SEED).permutation(len(images))
   train, heldout = order[:NUM_TRAIN], order[NUM_TRAIN:]
-  return {'train_images': images[train], 'train_labels': digits.target[train],
-          'heldout_images': images[heldout], 'heldout_labels': digits.target[heldout]}
+  return {'train_images': images[train], 'train_labels': labels[train],
+          'heldout_images': images[heldout], 'heldout_labels': labels[heldout]}
 
 
 class DigitsClassifier(NamedTuple):
@@ -67,8 +65,7 @@ class DigitsClassifier(NamedTuple):
 
 
 def _cache_path() -> pathlib.Path:
-  cache = os.environ.get('XDG_CACHE_HOME') or pathlib.Path.home() / '.cache'
-  return pathlib.Path(cache) / 'ddpm_jax' / CACHE_FILE
+  return user_cache.folder() / CACHE_FILE
 
 
 def _train() -> dict:

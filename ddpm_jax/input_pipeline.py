@@ -254,12 +254,17 @@ def series_source(path: pathlib.Path, data_config) -> SeriesSource:
                       test_fraction=data_config.get('test_fraction', 0.0))
 
 
-def digits_source() -> ArraySource:
-  """scikit-learn's bundled 8x8 handwritten digits (1,797 images, values 0..16): no download."""
-  from sklearn.datasets import load_digits
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's bundled 8x8 handwritten digits (values 0..16, no download) as uint8
+  images [1797, 8, 8, 1] (0..255) and their labels [1797]."""
+  from sklearn.datasets import load_digits  # scikit-learn loads only when digits are used
   digits = load_digits()
-  images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-  return ArraySource(images, digits.target, name='digits')
+  return np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None], digits.target
+
+
+def digits_source() -> ArraySource:
+  """The digits of ``digits_arrays`` as a data source."""
+  return ArraySource(*digits_arrays(), name='digits')
 
 
 def synthetic_source(num_examples: int, image_size: int, channels: int, seed: int = 0):

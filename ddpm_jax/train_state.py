@@ -15,10 +15,6 @@ from ddpm_jax import schedules as schedules_lib
 from ddpm_jax.models import model_apply
 from ddpm_jax.errors import InputError
 
-# Random draws for the global batch do not depend on how it is sharded.
-jax.config.update('jax_threefry_partitionable', True)
-
-
 class TrainState(flax.struct.PyTreeNode):
   step: jax.Array  # int32 scalar: updates applied or skipped so far
   params: Any
@@ -88,9 +84,8 @@ def initial_state_fn(config, model, tx, schedule, example_shape):
     raise InputError(f'unknown diffusion.timestep_sampling '
                      f'{config.diffusion.timestep_sampling!r}; choose one of '
                      f'{", ".join(losses.TIMESTEP_SAMPLINGS)}')
-  if config_lib.observed_input(config):  # the network also takes observed values and a mask
-    example_shape = tuple(example_shape[:-1]) + (3 * example_shape[-1],)
-  return lambda: create_train_state(model, tx, config.training.seed, example_shape, loss_history)
+  network_shape = config_lib.network_input_shape(config, example_shape)
+  return lambda: create_train_state(model, tx, config.training.seed, network_shape, loss_history)
 
 
 def abstract_state(config, model):

@@ -325,3 +325,14 @@ def test_config_is_not_changed_by_training(tmp_path):
   trainer.train(config, tmp_path)
   assert config.to_json() == before  # the run's resolved copy went to config.json
   assert json.loads((tmp_path / 'config.json').read_text())['data']['image_size'] == 8
+
+
+def test_random_draws_for_the_global_batch_do_not_depend_on_its_sharding():
+  """JAX's default since 0.5 (the project no longer sets it at import); the 1-vs-4-device
+  equality above rests on it."""
+  assert jax.config.jax_threefry_partitionable
+  key = jax.random.key(0)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
+  sharded = jax.jit(lambda k: jax.random.normal(k, (8, 3)), out_shardings=jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec('data')))(key)
+  np.testing.assert_array_equal(np.asarray(sharded), np.asarray(jax.random.normal(key, (8, 3))))
