@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import (config_lib, evaluation, file_checks, images, inference, masking, progress,
-                      series_outputs, series_tasks)
+from ddpm_jax import (config_lib, evaluation, file_checks, images, inference, masking, plots,
+                      progress, series_outputs, series_tasks)
 from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.errors import InputError
 
@@ -48,16 +48,29 @@ def parse_labels(text: str, num_samples: int) -> Optional[np.ndarray]:
   return np.resize(np.asarray(values, np.int32), num_samples)
 
 
-def trajectory_strip(x_t: np.ndarray, x0: np.ndarray, columns: int = 10) -> np.ndarray:
-  """uint8 strip: for each sample, x_t (upper row) and predicted x0 (lower row) at ``columns``
-  evenly spaced reverse steps. Inputs [steps, N, H, W, C] in [0, 1]."""
+def _uint8(x: np.ndarray) -> np.ndarray:
+  return np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
+
+
+def plot_trajectory(x_t: np.ndarray, x0: np.ndarray, path, columns: int = 10) -> None:
+  """trajectory.png: for each sample, x_t (upper row) and the predicted x0 (lower row) after
+  ``columns`` evenly spaced reverse steps, each column titled with its step. Inputs [steps, N,
+  H, W, C] in [0, 1]."""
   picks = np.unique(np.linspace(0, x_t.shape[0] - 1, columns).round().astype(int))
   rows = []
   for n in range(x_t.shape[1]):
-    rows.append(x_t[picks, n])
-    rows.append(x0[picks, n])
-  tiles = np.round(np.clip(np.concatenate(rows), 0, 1) * 255).astype(np.uint8)
-  return images.make_grid(tiles, columns=len(picks))
+    rows += [(f'sample {n}: x_t', _uint8(x_t[picks, n])),
+             (f'sample {n}: x0', _uint8(x0[picks, n]))]
+  plots.image_rows(rows, path, column_titles=[f'step {k + 1}/{x_t.shape[0]}' for k in picks],
+                   title='the reverse process: x_t and the predicted x0 after each step')
+
+
+def save_class_grid(uint8: np.ndarray, labels: np.ndarray, path, per_row: int = 16) -> None:
+  """grid.png of a class-conditional run: one row per requested class (in the order given),
+  its label drawn, up to ``per_row`` of its samples."""
+  order = list(dict.fromkeys(labels.tolist()))
+  plots.image_rows([(f'class {label}', uint8[labels == label][:per_row]) for label in order],
+                   path, title='samples by class')
 
 
 def _series_task(sample_fn, run, task, out, *, num_samples, method, num_steps, eta,
@@ -157,7 +170,10 @@ def generate(ckpt: str, out: str, *, num_samples: int = 64, method: str = '',
   else:
     uint8 = np.round(samples * 255).astype(np.uint8)
     np.savez(out / 'samples.npz', uint8)
-    images.save_grid(uint8[:256], out / 'grid.png')
+    if label_array is None:
+      images.save_grid(uint8[:256], out / 'grid.png')
+    else:
+      save_class_grid(uint8, label_array, out / 'grid.png')
     if png_dir:
       folder = file_checks.create_output_folder(png_dir)
       for i, image in enumerate(uint8):
@@ -177,8 +193,7 @@ def generate(ckpt: str, out: str, *, num_samples: int = 64, method: str = '',
       traj_kwargs['labels'] = jnp.asarray(label_array[:count])
     _, (x_t, x0) = sample_fn(params, jax.random.key(seed), count, return_trajectory=True,
                              **traj_kwargs)
-    images.save_png(trajectory_strip(np.asarray(x_t), np.asarray(x0)), out / 'trajectory.png',
-                    scale=max(1, 64 // x_t.shape[2]))
+    plot_trajectory(np.asarray(x_t), np.asarray(x0), out / 'trajectory.png')
   (out / 'timing.txt').write_text(f'{method} {steps} steps ({spacing} spacing) {num_samples} '
                                   f'samples {elapsed:.2f} s\n')
   print(f'wrote {out}')

@@ -1,4 +1,5 @@
-"""Curves a person reads: training loss, sample quality, series windows (matplotlib, no pyplot).
+"""Figures a person reads: training loss, sample quality, series windows, labelled image rows and
+the reverse process (matplotlib, no pyplot).
 
 Figures are drawn on their own Agg canvas, so nothing here touches matplotlib's global state or
 needs a display.
@@ -12,6 +13,7 @@ from typing import Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 COLOURS = ('tab:blue', 'tab:orange', 'tab:green', 'tab:red', 'tab:purple', 'tab:brown')
 
@@ -45,6 +47,7 @@ def loss_curve(steps: Sequence[int], loss: Sequence[float], path) -> pathlib.Pat
               label='smoothed (EMA 0.9)')
     axes.set_yscale('log')
   axes.set(xlabel='training step', ylabel='training loss', title='training loss')
+  axes.xaxis.set_major_locator(MaxNLocator(integer=True))
   axes.grid(True, which='both', alpha=0.3)
   axes.legend()
   return save_figure(figure, path)
@@ -63,21 +66,65 @@ def quality_curve(records: Sequence[dict], path) -> pathlib.Path:
     points = [(r['step'], r[name]) for r in records if name in r]
     axes.plot([p[0] for p in points], [p[1] for p in points], 'o-', color=COLOURS[index + 1])
     axes.set(xlabel='training step', ylabel=QUALITY_LABELS.get(name, name[len('eval_'):]))
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps, even for one point
     axes.grid(True, alpha=0.3)
   if names:
     figure.axes[0].set_title('sample quality of the EMA parameters')
   return save_figure(figure, path)
 
 
-def line_panels(panels: Sequence[dict], path, width: float = 9.0,
-                panel_height: float = 1.8) -> pathlib.Path:
-  """Stacked panels: each {'title', 'lines': [(x [n], y [n], colour index)], 'xlabel'}."""
-  figure = Figure(figsize=(width, panel_height * len(panels)), layout='constrained')
-  for index, panel in enumerate(panels):
-    axes = figure.add_subplot(len(panels), 1, index + 1)
-    for x, y, colour in panel['lines']:
-      axes.plot(x, y, color=COLOURS[colour % len(COLOURS)], lw=1)
-    axes.set_title(panel.get('title', ''), fontsize=9)
-    axes.set_xlabel(panel.get('xlabel', ''))
+def window_panels(generated: np.ndarray, real: np.ndarray | None, names: Sequence[str],
+                  path) -> pathlib.Path:
+  """windows.png: one panel per channel of generated windows [N, L, C] (orange, dashed) beside
+  real ones (blue, solid), in the data's units, on y-limits that fit both sets (the 1st to 99th
+  percentile, padded) so that neither is squashed under the other's outliers."""
+  num_channels = generated.shape[-1]
+  figure = Figure(figsize=(9.0, 1.9 * num_channels + 0.4), layout='constrained')
+  steps = np.arange(generated.shape[1])
+  for c in range(num_channels):
+    axes = figure.add_subplot(num_channels, 1, c + 1)
+    values = generated[..., c] if real is None else np.concatenate([generated[..., c].ravel(),
+                                                                    real[..., c].ravel()])
+    low, high = np.percentile(values, [1, 99])
+    pad = 0.1 * (high - low) or 1.0
+    for i, window in enumerate(real if real is not None else []):
+      axes.plot(steps, window[:, c], color=COLOURS[0], lw=1.2, label='real' if i == 0 else None)
+    for i, window in enumerate(generated):
+      axes.plot(steps, window[:, c], color=COLOURS[1], lw=1.2, ls='--',
+                label='generated' if i == 0 else None)
+    axes.set_ylim(low - pad, high + pad)
+    axes.set_ylabel(f'{names[c]}\n(data units)', fontsize=8)
     axes.grid(True, alpha=0.3)
+    if c == 0:
+      axes.legend(fontsize=8, loc='upper right', ncols=2)
+      axes.set_title(f'{len(generated)} generated' + (f' and {len(real)} real' if real is not None
+                                                      else '') + ' windows, channel by channel')
+  figure.axes[-1].set_xlabel('time step in the window')
+  return save_figure(figure, path)
+
+
+def image_rows(rows: Sequence[tuple[str, np.ndarray]], path, title: str = '',
+               column_titles: Sequence[str] = ()) -> pathlib.Path:
+  """A grid of uint8 images with a label per row: ``rows`` is [(label, images [n, H, W, C])]."""
+  columns = max(len(images) for _, images in rows)
+  cell = 0.55 if rows[0][1].shape[1] <= 16 else 1.0
+  figure = Figure(figsize=(1.2 + cell * columns, 0.5 + cell * len(rows)), layout='constrained')
+  grid = figure.add_gridspec(len(rows), columns, wspace=0.02, hspace=0.02)
+  for r, (label, images) in enumerate(rows):
+    for c in range(columns):
+      axes = figure.add_subplot(grid[r, c])
+      axes.set_xticks([])
+      axes.set_yticks([])
+      for spine in axes.spines.values():
+        spine.set_visible(False)
+      if c < len(images):
+        image = images[c]
+        axes.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap='gray', vmin=0,
+                    vmax=255, interpolation='nearest')
+      if c == 0:
+        axes.set_ylabel(label, rotation=0, ha='right', va='center', fontsize=8)
+      if r == 0 and c < len(column_titles):
+        axes.set_title(column_titles[c], fontsize=7)
+  if title:
+    figure.suptitle(title, fontsize=9)
   return save_figure(figure, path)

@@ -16,21 +16,12 @@ from ddpm_jax.series_data import denormalize
 
 def plot_windows(generated: np.ndarray, real: Optional[np.ndarray], path,
                  names: Optional[Sequence[str]] = None) -> None:
-  """windows.png: one panel per channel; real windows in blue/green, generated in orange/red."""
-  num_channels = generated.shape[-1]
+  """windows.png: one panel per channel, generated windows [N, L, C] beside real ones, in the
+  data's units (``ddpm_jax.plots.window_panels``)."""
   names = list(names or [])
-  if len(names) != num_channels:
-    names = [str(c) for c in range(num_channels)]
-  steps = np.arange(generated.shape[1])
-  panels = []
-  for c in range(num_channels):
-    lines = [(steps, w[:, c], 1 + 2 * (i % 2)) for i, w in enumerate(generated)]
-    if real is not None:
-      lines = [(steps, w[:, c], 2 * (i % 2)) for i, w in enumerate(real)] + lines
-    title = f'{names[c]}: ' + ('real (blue, green) vs ' if real is not None else '') + \
-        'generated (orange, red)'
-    panels.append({'title': title, 'lines': lines, 'xlabel': 'time step in the window'})
-  plots.line_panels(panels, path)
+  if len(names) != generated.shape[-1]:
+    names = [str(c) for c in range(generated.shape[-1])]
+  plots.window_panels(generated, real, names, path)
 
 
 def write_series_outputs(samples: np.ndarray, config, stats: dict, out: pathlib.Path,

@@ -180,3 +180,16 @@ def test_lines_written_during_a_bar_go_above_it(capsys, monkeypatch):
   out, err = capsys.readouterr()
   assert out == 'step 3: fd 1.2\nafter\n'
   assert 'loss=0.5' in err and '3/10' in err
+
+
+def test_a_class_conditional_grid_has_one_row_per_class(monkeypatch, tmp_path):
+  """--labels=2,0,1 cycles the labels over the samples; the grid puts each class on its own
+  row, in the order given, and names it."""
+  labels = generate.parse_labels('2,0,1', 10)
+  images = np.broadcast_to(labels[:, None, None, None].astype(np.uint8), (10, 8, 8, 1))
+  drawn = {}
+  monkeypatch.setattr(generate.plots, 'image_rows', lambda rows, path, **kw: drawn.update(rows=rows))
+  generate.save_class_grid(images, labels, tmp_path / 'grid.png')
+  assert [name for name, _ in drawn['rows']] == ['class 2', 'class 0', 'class 1']
+  for (name, row), label in zip(drawn['rows'], (2, 0, 1)):
+    assert (row == label).all() and len(row) == (labels == label).sum()
