@@ -246,12 +246,17 @@ class SeriesSource:
 
 
 def series_source(path: pathlib.Path, data_config) -> SeriesSource:
-  """Reads, checks and splits the series that ``config.data`` names."""
+  """Reads, checks and splits the series that ``config.data`` names. Its statistics (saved with
+  the checkpoints) also record the file, ``{'source': {'path', 'sha256'}}``, so that a run can
+  say which file it expects when the data moved or changed."""
   series, names = series_data.read_series(path, data_config.columns, data_config.time_column)
   series = series_data.check_or_fill_nans(series, names, data_config.fill_nan, str(path))
-  return SeriesSource(series.astype(np.float32), names, data_config.window, data_config.stride,
-                      data_config.val_fraction, data_config.normalization, copy=False,
-                      test_fraction=data_config.get('test_fraction', 0.0))
+  source = SeriesSource(series.astype(np.float32), names, data_config.window, data_config.stride,
+                        data_config.val_fraction, data_config.normalization, copy=False,
+                        test_fraction=data_config.get('test_fraction', 0.0))
+  source.stats['source'] = {'path': str(pathlib.Path(path).resolve()),
+                            'sha256': file_checks.sha256_of_file(path)}
+  return source
 
 
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:

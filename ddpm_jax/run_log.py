@@ -99,8 +99,15 @@ class LibraryLogToFile:
     self.file = open(self.path, 'a')
     handler = logging.get_absl_handler().python_handler
     self.previous_stream, handler.stream = handler.stream, self.file
-    self.previous_verbosity = logging.get_verbosity()
-    logging.set_verbosity(max(self.previous_verbosity, logging.INFO))
+    # absl's logger (orbax logs through it) writes INFO and up to the file alone: not to the
+    # terminal, whether or not absl's handler is installed (train.py) or not (the Python API).
+    self.absl_logger = python_logging.getLogger('absl')
+    self.previous = (self.absl_logger.level, self.absl_logger.propagate)
+    self.file_handler = python_logging.StreamHandler(self.file)
+    self.file_handler.setFormatter(logging.PythonFormatter())
+    self.absl_logger.addHandler(self.file_handler)
+    self.absl_logger.setLevel(min(self.absl_logger.getEffectiveLevel(), python_logging.INFO))
+    self.absl_logger.propagate = False
     self.previous_hook = sys.unraisablehook
 
     def hook(unraisable):
@@ -114,7 +121,9 @@ class LibraryLogToFile:
 
   def __exit__(self, *exc_info):
     logging.get_absl_handler().python_handler.stream = self.previous_stream
-    logging.set_verbosity(self.previous_verbosity)
+    self.absl_logger.removeHandler(self.file_handler)
+    self.absl_logger.setLevel(self.previous[0])
+    self.absl_logger.propagate = self.previous[1]
     sys.unraisablehook = self.previous_hook
     self.file.close()
     return False

@@ -33,11 +33,26 @@ QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 TASKS = ('generate', 'forecast', 'impute')
 
 
+def check_training_file(path: pathlib.Path, trained_on: dict) -> None:
+  """The run's own data, read again: gone is one line naming the file (and its sha256) to put
+  back or pass with --series; changed since training is a warning, as its windows differ."""
+  digest = trained_on['sha256']
+  if not path.exists():
+    raise FileNotFoundError(f'the run was trained on {path} (sha256 {digest[:12]}...), which is '
+                            f'not there now; put it back or pass --series=CSV')
+  if file_checks.sha256_of_file(path) != digest:
+    print(f'warning: {path} has changed since the run was trained on it (sha256 '
+          f'{digest[:12]}... then); its windows are not the ones the run saw', flush=True)
+
+
 class SeriesInput:
   """The series a task reads, in original units [N, C], with its times and column names."""
 
   def __init__(self, config, stats: dict, series_path: str = ''):
     path = pathlib.Path(series_path or config.data.path).expanduser()
+    trained_on = stats.get('source')  # runs trained before it was recorded have none
+    if not series_path and trained_on:
+      check_training_file(path, trained_on)
     if not path.exists():
       raise FileNotFoundError(f'series {path} does not exist; pass --series=CSV')
     columns = stats['columns']

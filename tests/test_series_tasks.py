@@ -13,8 +13,8 @@ import pytest
 from scipy import stats
 
 from ddpm_jax.configs import default
-from ddpm_jax import (generate, inference, input_pipeline, masking, sampling, series_metrics,
-                      schedules, series_tasks, trainer)
+from ddpm_jax import (file_checks, generate, inference, input_pipeline, masking, sampling,
+                      schedules, series_metrics, series_tasks, trainer)
 from ddpm_jax import workdir as workdir_lib
 from tests.helpers import run_script, skip_unless_ci, tiny_config
 
@@ -358,3 +358,27 @@ def test_impute_eval_command_hides_points_or_blocks(masked_run, tmp_path, hide):
     assert (hidden.any(axis=2) == hidden.all(axis=2)).all()
   else:
     assert abs(hidden.mean() - 0.3) < 0.1
+
+
+def test_a_run_says_which_file_it_was_trained_on_when_the_data_moved_or_changed(
+    masked_run, shared_data_module, tmp_path, capsys):
+  run = workdir_lib.load_run(masked_run)
+  trained_on = run.data_stats['source']
+  original = shared_data_module / 'ETTh1.csv'
+  assert trained_on['path'] == str(original.resolve())
+  assert trained_on['sha256'] == file_checks.sha256_of_file(original)
+  series_tasks.SeriesInput(run.config, run.data_stats)  # the file as trained: silent
+  assert 'warning' not in capsys.readouterr().out
+  moved = run.config.copy_and_resolve_references()
+  moved.data.path = str(tmp_path / 'ETTh1.csv')
+  with pytest.raises(FileNotFoundError, match=rf'trained on {tmp_path}/ETTh1.csv \(sha256 '
+                     rf'{trained_on["sha256"][:12]}\.\.\.\), which is not there now'):
+    series_tasks.SeriesInput(moved, run.data_stats)
+  lines = original.read_text().splitlines()
+  lines[5] = lines[5].replace(lines[5].split(',')[1], '1.0', 1)
+  (tmp_path / 'ETTh1.csv').write_text('\n'.join(lines) + '\n')
+  series_tasks.SeriesInput(moved, run.data_stats)
+  assert 'has changed since the run was trained on it' in capsys.readouterr().out
+  # --series names another file on purpose: no check against the training file.
+  series_tasks.SeriesInput(run.config, run.data_stats, str(tmp_path / 'ETTh1.csv'))
+  assert 'warning' not in capsys.readouterr().out
