@@ -10,10 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import config_lib, diffusion, masking, sampling, series_data, sharding
+from ddpm_jax import config_lib, masking, sampling, series_data, sharding
 from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.errors import InputError
 from ddpm_jax.models import model_apply
+from ddpm_jax.models.unet import check_label_range
 
 
 def to_data_space(x, config, data_stats: Optional[dict] = None):
@@ -30,10 +31,7 @@ def check_labels(model, labels, num_samples: int) -> None:
     raise InputError('labels were given but the model is unconditional (model.num_classes = 0)')
   if tuple(jnp.shape(labels)) != (num_samples,):
     raise InputError(f'labels must have shape ({num_samples},), got {tuple(jnp.shape(labels))}')
-  values = diffusion.concrete_or_none(labels)
-  if values is not None and (values.min() < 0 or values.max() >= model.num_classes):
-    raise InputError(f'labels must lie in [0, {model.num_classes - 1}], got range '
-                     f'[{values.min()}, {values.max()}]')
+  check_label_range(labels, model.num_classes, allow_null=False)
 
 
 def check_condition(observed, mask, shape) -> Optional[dict]:

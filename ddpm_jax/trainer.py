@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from ddpm_jax import (config_lib, digits_quality, file_checks, images, inference,
-                      input_pipeline, run_log, series_outputs, sharding, train_state)
+                      input_pipeline, plots, run_log, sharding, train_state)
 from ddpm_jax import progress as progress_lib
 from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.checkpointing import Checkpointer
@@ -52,7 +52,8 @@ def write_samples(sample_fn, params, key, config, data_stats, path: pathlib.Path
   if not sharding.is_main_process():
     return
   if config_lib.is_series(config):
-    series_outputs.plot_windows(samples[:4], None, path, (data_stats or {}).get('columns'))
+    names = (data_stats or {}).get('columns') or [str(c) for c in range(samples.shape[-1])]
+    plots.window_panels(samples[:4], None, names, path)
   else:
     images.save_grid(np.round(samples * 255).astype(np.uint8), path)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ddpm_jax import config_lib
+from ddpm_jax import config_lib, schedules
 from ddpm_jax.config_lib import MODEL_FIELD_DEFAULTS
 from ddpm_jax.errors import InputError
 from ddpm_jax.models.unet import UNet
@@ -33,7 +33,7 @@ def create_model(config) -> UNet:
   dtype = compute_dtype(model.dtype)
   if model.spatial_dims not in (1, 2):
     raise InputError(f'model.spatial_dims must be 1 (windows) or 2 (images), got {model.spatial_dims}')
-  continuous = config.diffusion.schedule.startswith('vp_')
+  continuous = schedules.is_continuous(config_lib.schedule_from_config(config))
   return UNet(
       ch=model.ch,
       ch_mult=tuple(model.ch_mult),

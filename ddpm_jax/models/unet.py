@@ -13,6 +13,19 @@ from ddpm_jax.models.layers import (AttnBlock, Downsample, ResBlock, Upsample, c
 from ddpm_jax.errors import InputError
 
 
+def check_label_range(labels, num_classes: int, allow_null: bool) -> None:
+  """Labels known at trace time lie in [0, num_classes - 1]; the network itself also takes
+  ``num_classes``, the null label of classifier-free guidance (``allow_null``)."""
+  values = concrete_or_none(labels)
+  if values is None or not values.size:
+    return
+  high = num_classes if allow_null else num_classes - 1
+  if values.min() < 0 or values.max() > high:
+    null = f' (or {num_classes} for the null label)' if allow_null else ''
+    raise InputError(f'labels must lie in [0, {num_classes - 1}]{null}; got range '
+                     f'[{values.min()}, {values.max()}]')
+
+
 class UNet(nn.Module):
   """eps_theta(x_t, t): x [B, H, W, C] (spatial_dims=2) or [B, L, C] (spatial_dims=1) -> same shape.
 
@@ -69,11 +82,7 @@ class UNet(nn.Module):
       raise InputError('labels were given to an unconditional model (model.num_classes = 0); '
                        'drop the labels or train with model.num_classes set')
     if labels is not None:
-      values = concrete_or_none(labels)
-      if values is not None and values.size and (values.min() < 0 or
-                                                 values.max() > self.num_classes):
-        raise InputError(f'labels must lie in [0, {self.num_classes - 1}] (or {self.num_classes} '
-                         f'for the null label); got range [{values.min()}, {values.max()}]')
+      check_label_range(labels, self.num_classes, allow_null=True)
 
   @nn.compact
   def __call__(self, x, t, labels=None, train: bool = False):
