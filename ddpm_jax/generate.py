@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import time
@@ -73,100 +74,165 @@ def save_class_grid(uint8: np.ndarray, labels: np.ndarray, path, per_row: int = 
                    path, title='samples by class')
 
 
-def _series_task(sample_fn, run, task, out, *, num_samples, method, num_steps, eta,
-                 seed, batch_size, evaluate, horizon, series, num_windows, missing, block,
-                 season, spacing, rho) -> pathlib.Path:
+@dataclasses.dataclass(frozen=True)
+class SampleRequest:
+  """What sample.py is asked for. ``None`` means the run's own setting (config.sampling)."""
+  ckpt: str
+  out: str = ''  # '' -> <workdir>/generated/<method> (or <task>[_eval]/<method>)
+  num_samples: int = 64  # forecast / impute: samples per window
+  method: Optional[str] = None
+  num_steps: Optional[int] = None  # a distillation workdir: which student
+  spacing: Optional[str] = None
+  rho: Optional[float] = None
+  eta: Optional[float] = None
+  guidance_scale: Optional[float] = None
+  seed: int = 0
+  batch_size: Optional[int] = None
+  png_dir: str = ''
+  trajectory: bool = False
+  labels: str = ''  # '3' or '0,1,2' (cycled over the samples)
+  evaluate: bool = False
+  fid_stats: str = ''
+  inception_weights: str = ''
+  allow_unknown_weights: bool = False
+  task: str = 'generate'  # generate | forecast | impute
+  horizon: int = 24
+  series: str = ''
+  num_windows: int = 100
+  missing: float = 0.3
+  block: int = 0
+  season: int = 24
+  overwrite: bool = False
+
+  @classmethod
+  def from_flags(cls, flags) -> SampleRequest:
+    """sample.py's flags, whose 'unset' values ('' / 0 / negative) become None here, once."""
+    return cls(
+        ckpt=flags.ckpt, out=flags.out, num_samples=flags.num_samples,
+        method=flags.method or None, num_steps=flags.num_steps or None,
+        spacing=flags.spacing or None, rho=flags.rho or None,
+        eta=None if flags.eta < 0 else flags.eta,
+        guidance_scale=None if flags.guidance_scale < 0 else flags.guidance_scale,
+        seed=flags.seed, batch_size=flags.batch_size or None, png_dir=flags.png_dir,
+        trajectory=flags.trajectory, labels=flags.labels, evaluate=flags.eval,
+        fid_stats=flags.fid_stats, inception_weights=flags.inception_weights,
+        allow_unknown_weights=flags.allow_unknown_weights, task=flags.task,
+        horizon=flags.horizon, series=flags.series, num_windows=flags.num_windows,
+        missing=flags.missing, block=flags.block, season=flags.season,
+        overwrite=flags.overwrite)
+
+  def default_out(self) -> pathlib.Path:
+    folder = ('generated' if self.task == 'generate' else
+              self.task + ('_eval' if self.evaluate else ''))
+    return workdir_lib.resolve_checkpoint(self.ckpt)[0] / folder / (self.method or 'default')
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """A request's sampling options, resolved against the run's config and checked, once."""
+  method: str
+  num_steps: Optional[int]  # what sample_fn takes (None for ddpm)
+  steps: int  # the reverse steps the scan takes
+  spacing: str
+  rho: float
+  eta: Optional[float]
+  guidance_scale: Optional[float]
+  batch_size: int
+
+  def kwargs(self) -> dict:
+    """The options every sample_fn call of the request passes."""
+    return dict(method=self.method, num_steps=self.num_steps, spacing=self.spacing,
+                rho=self.rho, eta=self.eta, guidance_scale=self.guidance_scale)
+
+
+def resolve_sampler(request: SampleRequest, config) -> Sampler:
+  method, num_steps, steps = inference.resolve_method(
+      config, config_lib.schedule_from_config(config), request.method, request.num_steps)
+  spacing, rho = inference.resolve_spacing(config, method, request.spacing, request.rho)
+  batch_size = request.batch_size or config.sampling.batch_size
+  if request.task == 'generate':
+    batch_size = min(batch_size, request.num_samples)
+  return Sampler(method, num_steps, steps, spacing, rho, request.eta, request.guidance_scale,
+                 batch_size)
+
+
+def _series_task(sample_fn, run, request: SampleRequest, sampler: Sampler,
+                 out: pathlib.Path) -> pathlib.Path:
   """sample.py --task=forecast|impute: checked, then run by ddpm_jax.series_tasks."""
   config = run.config
-  if task == 'forecast':  # checked before anything is sampled or written
-    masking.forecast_mask(config.data.window, config.data.channels, horizon)
-  method, num_steps, steps = inference.resolve_method(
-      config, config_lib.schedule_from_config(config), method, num_steps or None)
-  batch_size = batch_size or config.sampling.batch_size
-  out = pathlib.Path(out).expanduser()
-  common = dict(series_path=series, evaluate=evaluate, num_windows=num_windows,
-                num_samples=num_samples, season=season, seed=seed, batch_size=batch_size,
-                progress_factory=lambda total: SampleProgress(total, batch_size, steps),
-                method=method, num_steps=num_steps, eta=None if eta < 0 else eta,
-                spacing=spacing, rho=rho)
-  if task == 'forecast':
+  if request.task == 'forecast':  # checked before anything is sampled or written
+    masking.forecast_mask(config.data.window, config.data.channels, request.horizon)
+  options = sampler.kwargs()
+  options.pop('guidance_scale')
+  common = dict(series_path=request.series, evaluate=request.evaluate,
+                num_windows=request.num_windows, num_samples=request.num_samples,
+                season=request.season, seed=request.seed, batch_size=sampler.batch_size,
+                progress_factory=lambda total: SampleProgress(total, sampler.batch_size,
+                                                              sampler.steps), **options)
+  if request.task == 'forecast':
     result = series_tasks.forecast(sample_fn, run.params, config, run.data_stats, out,
-                                   horizon=horizon, **common)
+                                   horizon=request.horizon, **common)
   else:
     result = series_tasks.impute(sample_fn, run.params, config, run.data_stats, out,
-                                 missing=missing, block=block, **common)
+                                 missing=request.missing, block=request.block, **common)
   if result:
     print(series_tasks.format_scores(result))
   print(f'wrote {out}')
   return out
 
 
-def generate(ckpt: str, out: str, *, num_samples: int = 64, method: str = '',
-             num_steps: int = 0, eta: float = -1.0, seed: int = 0, batch_size: int = 0,
-             png_dir: str = '', trajectory: bool = False, labels: str = '',
-             guidance_scale: float = -1.0, evaluate: bool = False, fid_stats: str = '',
-             inception_weights: str = '', task: str = 'generate', horizon: int = 0,
-             series: str = '', num_windows: int = 100, missing: float = 0.3, block: int = 0,
-             season: int = 24, overwrite: bool = False,
-             allow_unknown_weights: bool = False, spacing: str = '',
-             rho: float = 0.0) -> pathlib.Path:
-  """Draws samples from the checkpoint at ``ckpt`` and writes them to ``out``.
+def generate(request: SampleRequest) -> pathlib.Path:
+  """Draws what ``request`` asks for from its run and writes it to ``request.out``.
 
   Images: grid.png and samples.npz (uint8 [N, H, W, C] under arr_0); series: samples.npy,
-  samples.csv and windows.png. Unset options (empty, 0 or negative) take the run's
-  config.sampling values. ``evaluate`` also writes metrics.json: FID / KID (images; against
+  samples.csv and windows.png. ``evaluate`` also writes metrics.json: FID / KID (images; against
   ``fid_stats`` or the run's data) or the series metrics. ``task`` forecast / impute: see
-  ddpm_jax.series_tasks (``num_samples`` is then the samples per window). ``out`` (and
-  ``png_dir``) must be new, empty or written by ddpm_jax before, unless ``overwrite``.
+  ddpm_jax.series_tasks. ``out`` (and ``png_dir``) must be new, empty or written by ddpm_jax
+  before, unless ``overwrite``. Everything is checked before anything is sampled or written.
   """
-  if num_samples < 1:
-    raise InputError(f'--num_samples must be at least 1, got {num_samples}')
+  if request.num_samples < 1:
+    raise InputError(f'--num_samples must be at least 1, got {request.num_samples}')
+  if request.task not in series_tasks.TASKS:
+    raise InputError(f'unknown --task={request.task}; choose one of '
+                     f'{", ".join(series_tasks.TASKS)}')
+  out = pathlib.Path(request.out).expanduser() if request.out else request.default_out()
   # A distillation workdir: --num_steps picks its student (default: the fewest steps).
-  run = workdir_lib.load_run(ckpt, student_steps=num_steps or None)
-  config, params = run.config, run.params
+  run = workdir_lib.load_run(request.ckpt, student_steps=request.num_steps)
+  config = run.config
+  sampler = resolve_sampler(request, config)
   sample_fn = inference.make_sample_fn(run.model, config, run.data_stats)
-  # Validated before anything is written: sample_fn checks the same again per batch.
-  method, num_steps, steps = inference.resolve_method(
-      config, config_lib.schedule_from_config(config), method, num_steps or None)
-  if task not in series_tasks.TASKS:
-    raise InputError(f'unknown --task={task}; choose one of {", ".join(series_tasks.TASKS)}')
-  spacing, rho = inference.resolve_spacing(config, method, spacing, rho or None)
-  if task != 'generate':
+  if request.task != 'generate':
     if not config_lib.is_series(config):
-      raise InputError(f'--task={task} needs a time-series run; {ckpt} models images')
-    file_checks.check_output_folder(out, overwrite, '--out')
-    return _series_task(sample_fn, run, task, out, num_samples=num_samples,
-                        method=method, num_steps=num_steps, eta=eta, seed=seed,
-                        batch_size=batch_size, evaluate=evaluate, horizon=horizon, series=series,
-                        num_windows=num_windows, missing=missing, block=block, season=season,
-                        spacing=spacing, rho=rho)
-  if evaluate and not config_lib.is_series(config):
-    evaluation.check_before_sampling(config, fid_stats, inception_weights, allow_unknown_weights)
-  label_array = parse_labels(labels, num_samples)
-  inference.check_labels(run.model, label_array, num_samples)
-  batch_size = min(batch_size or config.sampling.batch_size, num_samples)
-  kwargs = dict(method=method, num_steps=num_steps, spacing=spacing, rho=rho,
-                eta=None if eta < 0 else eta,
-                guidance_scale=None if guidance_scale < 0 else guidance_scale)
+      raise InputError(f'--task={request.task} needs a time-series run; {request.ckpt} models '
+                       'images')
+    file_checks.check_output_folder(out, request.overwrite, '--out')
+    return _series_task(sample_fn, run, request, sampler, out)
+  if request.evaluate and not config_lib.is_series(config):
+    evaluation.check_before_sampling(config, request.fid_stats, request.inception_weights,
+                                     request.allow_unknown_weights)
+  label_array = parse_labels(request.labels, request.num_samples)
+  inference.check_labels(run.model, label_array, request.num_samples)
+  kwargs = sampler.kwargs()
   if label_array is not None:
     kwargs['labels'] = label_array
-  out = file_checks.check_output_folder(out, overwrite, '--out')
-  if png_dir:
-    file_checks.check_output_folder(png_dir, overwrite, '--png_dir')
-  progress = SampleProgress(num_samples, batch_size, steps)
+  out = file_checks.check_output_folder(out, request.overwrite, '--out')
+  if request.png_dir:
+    file_checks.check_output_folder(request.png_dir, request.overwrite, '--png_dir')
+  progress = SampleProgress(request.num_samples, sampler.batch_size, sampler.steps)
   start = time.time()
   try:
-    samples = inference.sample_in_batches(sample_fn, params, jax.random.key(seed), num_samples,
-                                          batch_size, progress=progress, **kwargs)
+    samples = inference.sample_in_batches(sample_fn, run.params, jax.random.key(request.seed),
+                                          request.num_samples, sampler.batch_size,
+                                          progress=progress, **kwargs)
   finally:
     progress.close()
   elapsed = time.time() - start
-  print(f'{num_samples} samples from {run.workdir} (checkpoint {run.step}) with '
-        f'{method} ({steps} steps) in {elapsed:.1f} s, compilation included')
+  print(f'{request.num_samples} samples from {run.workdir} (checkpoint {run.step}) with '
+        f'{sampler.method} ({sampler.steps} steps) in {elapsed:.1f} s, compilation included')
   file_checks.create_output_folder(out)
 
   if config_lib.is_series(config):
-    series_outputs.write_series_outputs(samples, config, run.data_stats, out, evaluate)
+    series_outputs.write_series_outputs(samples, config, run.data_stats, out, request.evaluate)
   else:
     uint8 = np.round(samples * 255).astype(np.uint8)
     np.savez(out / 'samples.npz', uint8)
@@ -174,27 +240,28 @@ def generate(ckpt: str, out: str, *, num_samples: int = 64, method: str = '',
       images.save_grid(uint8[:256], out / 'grid.png')
     else:
       save_class_grid(uint8, label_array, out / 'grid.png')
-    if png_dir:
-      folder = file_checks.create_output_folder(png_dir)
+    if request.png_dir:
+      folder = file_checks.create_output_folder(request.png_dir)
       for i, image in enumerate(uint8):
         images.save_png(image, folder / f'{i:06d}.png')
-    if evaluate:
+    if request.evaluate:
       scores = evaluation.evaluate_images(uint8, config, run.workdir, label_array,
-                                          fid_stats, inception_weights, allow_unknown_weights)
-      scores.update(method=method, steps=steps, checkpoint=run.step)
+                                          request.fid_stats, request.inception_weights,
+                                          request.allow_unknown_weights)
+      scores.update(method=sampler.method, steps=sampler.steps, checkpoint=run.step)
       (out / 'metrics.json').write_text(json.dumps(scores, indent=2) + '\n')
       print('  '.join(f'{k} {v:.4g}' for k, v in scores.items() if isinstance(v, float)))
-  if trajectory and config_lib.is_series(config):
+  if request.trajectory and config_lib.is_series(config):
     print('--trajectory draws image strips only; skipped for a time-series run')
-  elif trajectory:
-    count = min(8, num_samples)
+  elif request.trajectory:
+    count = min(8, request.num_samples)
     traj_kwargs = dict(kwargs)
     if label_array is not None:
       traj_kwargs['labels'] = jnp.asarray(label_array[:count])
-    _, (x_t, x0) = sample_fn(params, jax.random.key(seed), count, return_trajectory=True,
-                             **traj_kwargs)
+    _, (x_t, x0) = sample_fn(run.params, jax.random.key(request.seed), count,
+                             return_trajectory=True, **traj_kwargs)
     plot_trajectory(np.asarray(x_t), np.asarray(x0), out / 'trajectory.png')
-  (out / 'timing.txt').write_text(f'{method} {steps} steps ({spacing} spacing) {num_samples} '
-                                  f'samples {elapsed:.2f} s\n')
+  (out / 'timing.txt').write_text(f'{sampler.method} {sampler.steps} steps ({sampler.spacing} '
+                                  f'spacing) {request.num_samples} samples {elapsed:.2f} s\n')
   print(f'wrote {out}')
   return out

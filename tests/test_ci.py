@@ -38,4 +38,5 @@ def test_ci_installs_and_tests_as_the_readme_says(monkeypatch):
   assert 'bash .ci/wheel_check' in script
   # The folder the README names is the one the library looks in.
   monkeypatch.delenv('XDG_CACHE_HOME', raising=False)
-  assert inception.default_weights_dir() == pathlib.Path.home() / '.cache' / 'ddpm_jax' / 'inception'
+  expected = pathlib.Path.home() / '.cache' / 'ddpm_jax' / 'inception'
+  assert inception.default_weights_dir() == expected

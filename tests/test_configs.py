@@ -90,9 +90,11 @@ def test_config_paths_find_the_installed_copy_outside_a_checkout(tmp_path, monke
   found = cli._find_configs(argv)
   assert found[0] == argv[0] and found[2] == argv[2]
   assert found[1] == f'--config={cli.CONFIG_DIR / "digits.py"}'
-  assert (cli.CONFIG_DIR / 'digits.py').read_text() == (REPO_ROOT / 'configs' / 'digits.py').read_text()
+  packaged = (cli.CONFIG_DIR / 'digits.py').read_text()
+  assert packaged == (REPO_ROOT / 'configs' / 'digits.py').read_text()
   # A file of the user's own of that name wins; a name with no installed copy is left alone.
   (tmp_path / 'configs').mkdir()
   (tmp_path / 'configs' / 'digits.py').write_text('')
   assert cli._find_configs(argv) == argv
-  assert cli._find_configs(['x', '--config=configs/nosuch.py']) == ['x', '--config=configs/nosuch.py']
+  nosuch = ['x', '--config=configs/nosuch.py']
+  assert cli._find_configs(nosuch) == nosuch

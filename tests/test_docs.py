@@ -38,7 +38,8 @@ COVERED = {
     ('README.md', 'bash', "pip install -e '.[test]'"):
         'test_ci::test_ci_installs_and_tests_as_the_readme_says',
     ('docs/distillation.md', 'bash', 'python distill.py'):
-        'test_distillation::test_the_docs_commands_on_two_devices_give_the_students_and_sample_py_picks_one',
+        'test_distillation::'
+        'test_the_docs_commands_on_two_devices_give_the_students_and_sample_py_picks_one',
     ('docs/distributed.md', 'bash', 'for i in 0 1; do'):
         'test_docs::test_two_process_launch_then_one_process_samples',
     ('docs/distributed.md', 'bash', 'srun '): 'test_docs::test_cluster_launch_lines_reach_the_data',
@@ -258,7 +259,8 @@ def test_time_series_commands(tmp_path, shared_data):
   out = box / 'runs' / 'power_small' / 'generated' / 'ddpm'
   assert np.load(out / 'samples.npy').shape == (16, 64, 7)
   assert 'discriminative' in (out / 'metrics.json').read_text()
-  for command in doc_block('docs/time_series.md', 'python sample.py --ckpt=runs/power_small --task'):
+  tasks = doc_block('docs/time_series.md', 'python sample.py --ckpt=runs/power_small --task')
+  for command in tasks:
     result = run(f'{command} --num_samples=4 --num_windows=3', box)
     assert result.returncode == 0, (command, result.stderr[-3000:])
   assert (box / 'runs' / 'power_small' / 'impute' / 'default' / 'imputed.csv').is_file()

@@ -92,8 +92,9 @@ def test_eval_every_needs_digits():
 def test_sample_eval_writes_digits_scores_and_fid(conditional_digits_run, tmp_path, monkeypatch):
   out = tmp_path / 'without_weights'
   monkeypatch.setenv(inception.WEIGHTS_ENV, str(tmp_path / 'absent.pt'))
-  generate.generate(str(conditional_digits_run), str(out), num_samples=20, method='ddim',
-                    num_steps=3, labels='0,1,2,3,4,5,6,7,8,9', evaluate=True)
+  generate.generate(generate.SampleRequest(
+      str(conditional_digits_run), str(out), num_samples=20, method='ddim', num_steps=3,
+      labels='0,1,2,3,4,5,6,7,8,9', evaluate=True))
   metrics = json.loads((out / 'metrics.json').read_text())
   assert metrics['num_samples'] == 20 and metrics['checkpoint'] == 4
   assert metrics['digits_fd'] > 0 and 0 <= metrics['digits_label_agreement'] <= 1
@@ -108,8 +109,9 @@ def test_sample_eval_writes_digits_scores_and_fid(conditional_digits_run, tmp_pa
   features = inception.feature_extractor(params)(real)
   np.savez(tmp_path / 'stats.npz', mu=features.mean(0), sigma=np.cov(features, rowvar=False))
   out = tmp_path / 'with_weights'
-  generate.generate(str(conditional_digits_run), str(out), num_samples=20, method='ddim',
-                    num_steps=3, labels='1', evaluate=True, fid_stats=str(tmp_path / 'stats.npz'))
+  generate.generate(generate.SampleRequest(
+      str(conditional_digits_run), str(out), num_samples=20, method='ddim', num_steps=3,
+      labels='1', evaluate=True, fid_stats=str(tmp_path / 'stats.npz')))
   metrics = json.loads((out / 'metrics.json').read_text())
   assert metrics['fid'] > 0 and 'kid' not in metrics  # statistics on one side: FID only
   assert metrics['fid_reference'].endswith('stats.npz') and 'pytorch-fid' in metrics['fid_protocol']

@@ -79,12 +79,14 @@ def test_sample_script_writes_grid_and_npz(digits_run, tmp_path):
   assert len(list((tmp_path / 'png').glob('*.png'))) == 5
   assert Image.open(out / 'trajectory.png').size[1] > Image.open(out / 'trajectory.png').size[0] / 2
   # The same seed (and batch size) reproduces the same file, in-process this time.
-  again = generate.generate(str(digits_run), str(tmp_path / 'again'), num_samples=5, method='ddim',
-                            num_steps=4, batch_size=3)
+  again = generate.generate(generate.SampleRequest(
+      str(digits_run), str(tmp_path / 'again'), num_samples=5, method='ddim', num_steps=4,
+      batch_size=3))
   with np.load(again / 'samples.npz') as f:
     np.testing.assert_array_equal(f['arr_0'], samples)
-  other = generate.generate(str(digits_run), str(tmp_path / 'other'), num_samples=5, method='ddim',
-                            num_steps=4, batch_size=3, seed=1)
+  other = generate.generate(generate.SampleRequest(
+      str(digits_run), str(tmp_path / 'other'), num_samples=5, method='ddim', num_steps=4,
+      batch_size=3, seed=1))
   with np.load(other / 'samples.npz') as f:
     assert not np.array_equal(f['arr_0'], samples)
 
@@ -188,8 +190,25 @@ def test_a_class_conditional_grid_has_one_row_per_class(monkeypatch, tmp_path):
   labels = generate.parse_labels('2,0,1', 10)
   images = np.broadcast_to(labels[:, None, None, None].astype(np.uint8), (10, 8, 8, 1))
   drawn = {}
-  monkeypatch.setattr(generate.plots, 'image_rows', lambda rows, path, **kw: drawn.update(rows=rows))
+  monkeypatch.setattr(generate.plots, 'image_rows',
+                      lambda rows, path, **kw: drawn.update(rows=rows))
   generate.save_class_grid(images, labels, tmp_path / 'grid.png')
   assert [name for name, _ in drawn['rows']] == ['class 2', 'class 0', 'class 1']
   for (name, row), label in zip(drawn['rows'], (2, 0, 1)):
     assert (row == label).all() and len(row) == (labels == label).sum()
+
+
+def test_sample_flags_become_one_request_whose_unset_values_are_none():
+  """sample.py's 'unset' flag values ('' / 0 / -1) are the run's own settings: None, once."""
+  import types
+  defaults = dict(ckpt='runs/x', out='', num_samples=64, method='', num_steps=0, spacing='',
+                  rho=0.0, eta=-1.0, guidance_scale=-1.0, seed=0, batch_size=0, png_dir='',
+                  trajectory=False, labels='', eval=False, fid_stats='', inception_weights='',
+                  allow_unknown_weights=False, task='generate', horizon=24, series='',
+                  num_windows=100, missing=0.3, block=0, season=24, overwrite=False)
+  request = generate.SampleRequest.from_flags(types.SimpleNamespace(**defaults))
+  assert (request.method, request.num_steps, request.spacing, request.rho, request.eta,
+          request.guidance_scale, request.batch_size) == (None,) * 7
+  given = generate.SampleRequest.from_flags(types.SimpleNamespace(**{
+      **defaults, 'method': 'ddim', 'num_steps': 8, 'eta': 0.0, 'guidance_scale': 0.0}))
+  assert (given.method, given.num_steps, given.eta, given.guidance_scale) == ('ddim', 8, 0.0, 0.0)

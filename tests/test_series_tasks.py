@@ -329,8 +329,8 @@ def test_bad_series_input_is_one_clear_error(masked_run, tmp_path, shared_data_m
     args = dict(args, series=str(path))
   out = tmp_path / 'out'
   with pytest.raises(ValueError, match=message):
-    generate.generate(str(masked_run), str(out), task=task, num_samples=2, method='ddim',
-                      num_steps=2, **args)
+    generate.generate(generate.SampleRequest(
+        str(masked_run), str(out), task=task, num_samples=2, method='ddim', num_steps=2, **args))
   assert not out.exists()
 
 

@@ -141,8 +141,9 @@ def test_series_run_end_to_end_in_original_units(tmp_path):
   trainer.train(config, tmp_path / 'run')
   saved = json.loads((tmp_path / 'run' / 'config.json').read_text())
   assert saved['data']['channels'] == 2
-  out = generate.generate(str(tmp_path / 'run'), str(tmp_path / 'out'), num_samples=6,
-                          method='ddim', num_steps=4, evaluate=True)
+  out = generate.generate(generate.SampleRequest(
+      str(tmp_path / 'run'), str(tmp_path / 'out'), num_samples=6, method='ddim', num_steps=4,
+      evaluate=True))
   samples = np.load(out / 'samples.npy')
   assert samples.shape == (6, 16, 2)
   # What was written is sample_fn's output, and that is the model's output in original units.

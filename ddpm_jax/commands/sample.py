@@ -9,7 +9,6 @@ samples.csv and windows.png for time series.
 from absl import app, flags
 
 from ddpm_jax import cli, generate
-from ddpm_jax import workdir as workdir_lib
 
 flags.DEFINE_string('ckpt', None, 'A training workdir, its checkpoints/ or one checkpoints/<step>.')
 flags.DEFINE_string('out', '', 'Output folder (default: <workdir>/generated/<method>).')
@@ -58,22 +57,8 @@ flags.mark_flags_as_required(['ckpt'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  f = flags.FLAGS
-
-  def run():
-    folder = 'generated' if f.task == 'generate' else f.task + ('_eval' if f.eval else '')
-    out = f.out or str(workdir_lib.resolve_checkpoint(f.ckpt)[0] / folder / (f.method or 'default'))
-    generate.generate(f.ckpt, out, num_samples=f.num_samples, method=f.method,
-                      num_steps=f.num_steps, eta=f.eta, seed=f.seed, batch_size=f.batch_size,
-                      png_dir=f.png_dir, trajectory=f.trajectory, labels=f.labels,
-                      guidance_scale=f.guidance_scale, evaluate=f.eval,
-                      fid_stats=f.fid_stats, inception_weights=f.inception_weights,
-                      task=f.task, horizon=f.horizon, series=f.series,
-                      num_windows=f.num_windows, missing=f.missing, block=f.block,
-                      season=f.season, overwrite=f.overwrite,
-                      allow_unknown_weights=f.allow_unknown_weights, spacing=f.spacing,
-                      rho=f.rho)
-  cli.run(cli.program_name(), run)
+  cli.run(cli.program_name(),
+          lambda: generate.generate(generate.SampleRequest.from_flags(flags.FLAGS)))
 
 
 def run():
