@@ -1,4 +1,5 @@
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -200,7 +201,6 @@ def test_a_class_conditional_grid_has_one_row_per_class(monkeypatch, tmp_path):
 
 def test_sample_flags_become_one_request_whose_unset_values_are_none():
   """sample.py's 'unset' flag values ('' / 0 / -1) are the run's own settings: None, once."""
-  import types
   defaults = dict(ckpt='runs/x', out='', num_samples=64, method='', num_steps=0, spacing='',
                   rho=0.0, eta=-1.0, guidance_scale=-1.0, seed=0, batch_size=0, png_dir='',
                   trajectory=False, labels='', eval=False, fid_stats='', inception_weights='',
