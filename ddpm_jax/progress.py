@@ -46,8 +46,12 @@ class Progress:
       _ACTIVE_BARS.append(self.bar)
 
   def restart_clock(self) -> None:
-    """Rates and the ETA count from now, and from the present count."""
+    """Rates and the ETA count from now, and from the present count (the bar's too)."""
     self.clock_start, self.clock_done = time.time(), self.done
+    bar = getattr(self, 'bar', None)
+    if bar is not None:  # tqdm's rate is (n - initial) / (time since start_t)
+      bar.start_t = bar.last_print_t = bar._time()
+      bar.initial = self.done
 
   def _rate(self) -> float:
     return (self.done - self.clock_done) / max(time.time() - self.clock_start, 1e-9)
@@ -74,6 +78,7 @@ class Progress:
       if fields:
         self.bar.set_postfix(fields, refresh=False)
       self.bar.refresh()
+      self.bar.last_print_t = self.bar._time()  # as tqdm's own update() does; close() reads it
       return ''
     if not report:
       return ''

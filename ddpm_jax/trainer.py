@@ -169,13 +169,13 @@ def train_loop(config, workdir, mesh, model, init, data_iter, data_stats, make_s
 
     step = int(state.step)
     metrics_log = run_log.MetricsLog(workdir, step, write=main)
-    item = 'window' if config_lib.is_series(config) else 'image'
-    progress = (progress_lib.Progress(training.num_steps, label, 'step', start=step,
-                                      per_unit=(item, training.batch_size)) if main else None)
     if main:
       print(f'training {workdir} from step {step} to {training.num_steps} on '
             f'{jax.device_count()} {jax.devices()[0].platform} device(s) in '
             f'{jax.process_count()} process(es); compiling the train step...', flush=True)
+    item = 'window' if config_lib.is_series(config) else 'image'
+    progress = (progress_lib.Progress(training.num_steps, label, 'step', start=step,
+                                      per_unit=(item, training.batch_size)) if main else None)
     compile_start, compiled = time.time(), False
     previous_vote = None  # the agreed stop vote of the step before, read one step late
     while step < training.num_steps:
@@ -214,6 +214,8 @@ def train_loop(config, workdir, mesh, model, init, data_iter, data_stats, make_s
         metrics_log.append(record)
         if progress is not None:
           progress.update(step, {'loss': f'{record["loss"]:.4f}'})
+          if step == training.num_steps:
+            progress.close()  # the bar's last line keeps the training rate, not the grids'
       if checkpoint_now or stop_signum:
         checkpointer.save(step, state, data_iter.get_state(), extras)
         metrics_log.plot()
