@@ -197,6 +197,7 @@ def test_cluster_launch_lines_reach_the_data(tmp_path):
     assert "tfds dataset 'cifar10' is not prepared" in result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow  # 75 s: it held the default suite over 10 minutes on CI's cold cache
 def test_diffusers_commands_and_snippet(tmp_path, monkeypatch):
   """docs/interop.md's commands and snippet, on a reference folder in the layout of
   google/ddpm-cifar10-32 (1/8 width, random weights) where the docs fetch the real one."""
