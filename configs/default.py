@@ -71,6 +71,13 @@ def get_config():
       normalization='zscore',  # or 'minmax' (to [-1, 1])
       val_fraction=0.1,  # validation part: the rows after the training part
       test_fraction=0.0,  # test part: the final rows, never trained on or used for selection
+      # 'fractions' (the two above) or 'ett': the ETT benchmark's months (train rows 0-8,639,
+      # validation 8,640-11,519, test 11,520-14,399; configs/ett.py)
+      protocol='fractions',
+      # > 0: the forecast horizon the run is made for: training's 'horizon' masks hide exactly
+      # this many final steps, and under protocol 'ett' the window is lookback + horizon
+      horizon=0,
+      lookback=0,  # protocol 'ett': the steps before the horizon (window = lookback + horizon)
       fill_nan=False,  # True: fill NaNs by interpolation instead of refusing the series
   ))
 

@@ -7,6 +7,7 @@ import pathlib
 from typing import Optional
 
 import ml_collections
+import numpy as np
 
 from ddpm_jax import schedules as schedules_lib
 from ddpm_jax.errors import InputError
@@ -36,7 +37,12 @@ MODEL_FIELD_DEFAULTS = dict(
 # observed_input: the network also takes the observed values and their mask (series tasks).
 MODEL_INPUT_DEFAULTS = dict(
     observed_input=False,  # the network also takes observed values and their mask (series tasks)
+    # 'linear_map' (with observed_input and data.horizon): a forecast's horizon is modelled as
+    # its difference from the least-squares linear map of its lookback, fitted on the training
+    # rows (TimeDiff's linear initialisation, Shen & Kwok 2023); '': the values themselves
+    forecast_base='',
 )
+FORECAST_BASES = ('', 'linear_map')
 
 
 # Ranges of the sizes a config (or a downloaded run's config.json, or a diffusers config.json)
@@ -110,9 +116,26 @@ def resolve(config, example_shape: tuple, num_classes: int) -> ml_collections.Co
                      'symmetry: set --config.data.random_flip=False')
   if is_series(resolved):
     data.channels = example_shape[-1]
+    horizon = data.get('horizon', 0)
+    if horizon and not 0 < horizon < data.window:
+      raise InputError(f'data.horizon={horizon} must be shorter than the window '
+                       f'({data.window} steps)')
+    base = forecast_base(resolved)
+    if base not in FORECAST_BASES:
+      raise InputError(f'unknown model.forecast_base {base!r}; choose one of '
+                       f'{", ".join(repr(b) for b in FORECAST_BASES)}')
+    if base and not (observed_input(resolved) and horizon):
+      raise InputError(f'model.forecast_base={base!r} forecasts data.horizon steps from the '
+                       'observed lookback: set --config.model.observed_input=True and '
+                       '--config.data.horizon')
+    if data.get('protocol') == 'ett' and data.window != data.lookback + data.horizon:
+      raise InputError(f'data.protocol=ett cuts windows of lookback + horizon = '
+                       f'{data.lookback + data.horizon} steps, but data.window={data.window}; '
+                       'leave data.window to configs/ett.py')
     return resolved
-  if observed_input(resolved):
-    raise InputError('model.observed_input (forecasting and imputation) needs series data')
+  if observed_input(resolved) or forecast_base(resolved):
+    raise InputError('model.observed_input and model.forecast_base (forecasting and imputation) '
+                     'need series data')
   height, width, channels = example_shape
   if height != width:
     raise InputError(f'images are {height}x{width}; the model takes square images')
@@ -148,6 +171,22 @@ def training_warnings(config) -> list[str]:
                  f'uses are still {initial_share:.0%} initial random weights after {steps} steps;'
                  f' set --config.optim.ema_decay={suggested:.4g} or train longer')
   return lines
+
+
+def forecast_base(config) -> str:
+  """The base forecast a run's network models the horizon's difference from ('' for none)."""
+  return config.model.get('forecast_base', MODEL_INPUT_DEFAULTS['forecast_base'])
+
+
+def base_weights(config, data_stats: Optional[dict]) -> Optional[np.ndarray]:
+  """float32 [C, lookback + 1, H]: the linear map a run with model.forecast_base models the
+  horizon against (None without one), from the data statistics saved with the run."""
+  if not forecast_base(config):
+    return None
+  if not data_stats or 'linear_map' not in data_stats:
+    raise InputError('model.forecast_base=linear_map needs the linear map of the training rows '
+                     'in the data statistics; the series source fits it when data.horizon > 0')
+  return np.asarray(data_stats['linear_map'], np.float32)
 
 
 def observed_input(config) -> bool:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import (config_lib, evaluation, file_checks, images, inference, masking, plots,
+from ddpm_jax import (config_lib, evaluation, file_checks, images, inference, plots,
                       progress, series_outputs, series_tasks)
 from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.errors import InputError
@@ -96,7 +96,7 @@ class SampleRequest:
   inception_weights: str = ''
   allow_unknown_weights: bool = False
   task: str = 'generate'  # generate | forecast | impute
-  horizon: int = 24
+  horizon: Optional[int] = None  # None: the run's data.horizon, else 24
   series: str = ''
   num_windows: int = 100
   missing: float = 0.3
@@ -117,7 +117,7 @@ class SampleRequest:
         trajectory=flags.trajectory, labels=flags.labels, evaluate=flags.eval,
         fid_stats=flags.fid_stats, inception_weights=flags.inception_weights,
         allow_unknown_weights=flags.allow_unknown_weights, task=flags.task,
-        horizon=flags.horizon, series=flags.series, num_windows=flags.num_windows,
+        horizon=flags.horizon or None, series=flags.series, num_windows=flags.num_windows,
         missing=flags.missing, block=flags.block, season=flags.season,
         overwrite=flags.overwrite)
 
@@ -160,8 +160,9 @@ def _series_task(sample_fn, run, request: SampleRequest, sampler: Sampler,
                  out: pathlib.Path) -> pathlib.Path:
   """sample.py --task=forecast|impute: checked, then run by ddpm_jax.series_tasks."""
   config = run.config
+  horizon = None
   if request.task == 'forecast':  # checked before anything is sampled or written
-    masking.forecast_mask(config.data.window, config.data.channels, request.horizon)
+    horizon = series_tasks.resolve_horizon(config, request.horizon)
   options = sampler.kwargs()
   options.pop('guidance_scale')
   common = dict(series_path=request.series, evaluate=request.evaluate,
@@ -171,7 +172,7 @@ def _series_task(sample_fn, run, request: SampleRequest, sampler: Sampler,
                                                               sampler.steps), **options)
   if request.task == 'forecast':
     result = series_tasks.forecast(sample_fn, run.params, config, run.data_stats, out,
-                                   horizon=request.horizon, **common)
+                                   horizon=horizon, **common)
   else:
     result = series_tasks.impute(sample_fn, run.params, config, run.data_stats, out,
                                  missing=request.missing, block=request.block, **common)

@@ -135,6 +135,7 @@ def make_sample_fn(model, config, data_stats: Optional[dict] = None):
   observed_input = config_lib.observed_input(config)
 
   churn = churn_from_config(config)
+  base_weights = config_lib.base_weights(config, data_stats)
 
   def setup(params, key, num_samples, labels, method, num_steps, eta, guidance_scale, spacing,
             rho, condition):
@@ -163,8 +164,11 @@ def make_sample_fn(model, config, data_stats: Optional[dict] = None):
     return model_fn, jax.random.split(key)[1], shape, options
 
   def finish(x, condition):
-    """Observed entries exactly as given; everything in data space."""
+    """Observed entries exactly as given (a forecast's base forecast added back to the
+    horizon the network modelled against it); everything in data space."""
     if condition is not None:
+      if base_weights is not None:
+        x = x + masking.linear_base(condition['observed'], condition['mask'], base_weights)
       x = jnp.where(condition['mask'] > 0, condition['observed'], x)
     return to_data_space(x, config, data_stats)
 

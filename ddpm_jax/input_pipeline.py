@@ -204,36 +204,55 @@ class TfdsSource:
 class SeriesSource:
   """Training windows of a normalised series; the validation and test windows that follow them.
 
-  The rows are split in time order, train | validation | test; windows never cross a boundary,
+  The rows are split in time order, train | validation | test (``series_data.split_rows``),
   and the normalisation statistics come from the training rows only. ``row_ranges`` gives each
-  part's rows of the original series.
+  part's own rows of the original series, ``window_rows`` the rows its windows are cut from:
+  the same, except that under the 'ett' protocol a validation or test window may take its
+  lookback (``window - horizon`` steps) from the rows before its part, and those windows step
+  by 1 (the benchmark scores every one). No window's horizon leaves its part. With a
+  ``horizon``, ``stats['linear_map']`` holds the least-squares map from the lookback to the
+  horizon on the normalised training rows ([C, lookback + 1, horizon]).
   """
 
   def __init__(self, series: np.ndarray, names: Sequence[str], window: int, stride: int,
                val_fraction: float, normalization: str, copy: bool = True,
-               test_fraction: float = 0.0):
+               test_fraction: float = 0.0, protocol: str = 'fractions', horizon: int = 0):
     """``copy=False`` hands the series over: a float32 one is normalised in place."""
-    for name, fraction in (('val_fraction', val_fraction), ('test_fraction', test_fraction)):
-      if not 0.0 <= fraction < 1.0:
-        raise InputError(f'data.{name} must lie in [0, 1), got {fraction}')
     rows = series.shape[0]
-    num_test = int(round(rows * test_fraction))
-    num_val = int(round(rows * val_fraction))
-    split, test_start = rows - num_val - num_test, rows - num_test
+    self.row_ranges = series_data.split_rows(protocol, rows, val_fraction=val_fraction,
+                                             test_fraction=test_fraction)
+    split = self.row_ranges['train'][1]
     if window > split:
       raise InputError(f'window {window} is longer than the training part of the series '
                        f'({split} of {rows} rows); use a window of at most {split}')
+    lookback, held_out_stride = 0, stride
+    if protocol == 'ett':
+      if normalization != 'zscore':
+        raise InputError("data.protocol=ett z-scores with the training rows' statistics; set "
+                         "--config.data.normalization=zscore")
+      if not 0 < horizon < window:
+        raise InputError(f'data.protocol=ett needs data.horizon in 1..{window - 1} (the window '
+                         f'is lookback + horizon = {window} steps), got {horizon}')
+      lookback, held_out_stride = window - horizon, 1
     self.stats = series_data.fit_normalization(series[:split], normalization, names)
     normalized = series_data.normalize(series, self.stats, copy=copy)
+    if horizon:  # a run made for one horizon: its linear map, the base model.forecast_base uses
+      self.stats['linear_map'] = series_data.fit_linear_map(
+          normalized[:split], window - horizon, horizon).astype(np.float32).tolist()
     self.names = list(names)
-    self.row_ranges = {'train': (0, split), 'validation': (split, test_start),
-                       'test': (test_start, rows)}
+    self.window_rows = {part: (first - (lookback if part != 'train' else 0), end)
+                        for part, (first, end) in self.row_ranges.items()}
     self.train = series_data.LazyWindows(normalized[:split], window, stride)
-    # Each part's windows start at its first row: no window spans two parts.
-    self.validation = series_data.LazyWindows(normalized[split:test_start], window, stride) \
-        if num_val >= window else None
-    self.test = series_data.LazyWindows(normalized[test_start:], window, stride) \
-        if num_test >= window else None
+    self.validation, self.test = (
+        self._part(normalized, self.window_rows[part], window, held_out_stride)
+        for part in ('validation', 'test'))
+
+  @staticmethod
+  def _part(normalized, rows, window, stride):
+    """The windows of rows (first, end), or None when they hold less than one window."""
+    first, end = rows
+    return series_data.LazyWindows(normalized[first:end], window, stride) \
+        if end - first >= window else None
 
   def __len__(self):
     return len(self.train)
@@ -245,15 +264,23 @@ class SeriesSource:
     return DataInfo((self.train.window, self.train.series.shape[1]), len(self), 0, self.stats)
 
 
+def source_from_config(series: np.ndarray, names: Sequence[str], data_config,
+                       copy: bool = True) -> SeriesSource:
+  """The SeriesSource of a series [N, C] (original units) split as ``config.data`` says."""
+  return SeriesSource(series, names, data_config.window, data_config.stride,
+                      data_config.val_fraction, data_config.normalization, copy=copy,
+                      test_fraction=data_config.get('test_fraction', 0.0),
+                      protocol=data_config.get('protocol', 'fractions'),
+                      horizon=data_config.get('horizon', 0))
+
+
 def series_source(path: pathlib.Path, data_config) -> SeriesSource:
   """Reads, checks and splits the series that ``config.data`` names. Its statistics (saved with
   the checkpoints) also record the file, ``{'source': {'path', 'sha256'}}``, so that a run can
   say which file it expects when the data moved or changed."""
   series, names = series_data.read_series(path, data_config.columns, data_config.time_column)
   series = series_data.check_or_fill_nans(series, names, data_config.fill_nan, str(path))
-  source = SeriesSource(series.astype(np.float32), names, data_config.window, data_config.stride,
-                        data_config.val_fraction, data_config.normalization, copy=False,
-                        test_fraction=data_config.get('test_fraction', 0.0))
+  source = source_from_config(series.astype(np.float32), names, data_config, copy=False)
   source.stats['source'] = {'path': str(pathlib.Path(path).resolve()),
                             'sha256': file_checks.sha256_of_file(path)}
   return source

@@ -15,13 +15,14 @@ from ddpm_jax.errors import InputError
 MASK_KINDS = ('none', 'points', 'block', 'horizon')
 
 
-def training_masks(key, shape: tuple, mix) -> jax.Array:
+def training_masks(key, shape: tuple, mix, horizon: int = 0) -> jax.Array:
   """float32 masks [B, L, C], one kind per window drawn with probabilities ``mix`` over
   MASK_KINDS:
     none     nothing observed (unconditional);
     points   each value observed with probability u ~ U(0.1, 0.9) (one u per window);
     block    one block of U{1..L/2} consecutive steps hidden in every channel, the rest observed;
-    horizon  the last U{1..L/2} steps hidden in every channel (forecasting).
+    horizon  the last U{1..L/2} steps hidden in every channel (forecasting), or exactly the
+             last ``horizon`` steps when it is > 0 (a run made for one horizon).
   """
   batch, length = shape[0], shape[1]
   kind_key, rate_key, point_key, size_key, start_key = jax.random.split(key, 5)
@@ -32,9 +33,10 @@ def training_masks(key, shape: tuple, mix) -> jax.Array:
   size = jax.random.randint(size_key, (batch, 1, 1), 1, length // 2 + 1)
   start = jax.random.randint(start_key, (batch, 1, 1), 0, length) % (length - size + 1)
   block = (steps < start) | (steps >= start + size)
-  horizon = steps < length - size
+  hidden_steps = size if horizon <= 0 else horizon
+  final = steps < length - hidden_steps
   masks = jnp.stack([jnp.zeros(shape, bool), points,
-                     jnp.broadcast_to(block, shape), jnp.broadcast_to(horizon, shape)])
+                     jnp.broadcast_to(block, shape), jnp.broadcast_to(final, shape)])
   return jnp.take_along_axis(masks, kind[None, :, None, None], axis=0)[0].astype(jnp.float32)
 
 
@@ -42,6 +44,24 @@ def condition_input(x_t, observed, mask):
   """The network's input [B, L, 3C]: the noisy window, the observed values (0 where hidden) and
   the mask."""
   return jnp.concatenate([x_t, observed * mask, mask], axis=-1)
+
+
+def linear_base(observed, mask, weights) -> jax.Array:
+  """[B, L, C]: the linear map's forecast of the horizon where a window is a forecast (its
+  first L - H steps observed, the last H hidden), 0 elsewhere and in every other window.
+
+  ``observed`` [B, L, C] model space; ``weights`` [C, L - H + 1, H] (series_data.fit_linear_map
+  on the normalised training rows). A network modelling ``x - base`` learns the map's error.
+  """
+  horizon = weights.shape[-1]
+  lookback = observed.shape[1] - horizon
+  past = observed[:, :lookback]
+  forecast = (jnp.einsum('blc,clh->bhc', past, weights[:, :lookback])
+              + weights[:, lookback].T[None])
+  is_forecast = (jnp.all(mask[:, :lookback] > 0, axis=(1, 2))
+                 & jnp.all(mask[:, lookback:] == 0, axis=(1, 2)))[:, None, None]
+  base = jnp.concatenate([jnp.zeros_like(past), forecast], axis=1)
+  return jnp.where(is_forecast, base, 0.0)
 
 
 def loss_mask(mask):

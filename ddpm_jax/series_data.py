@@ -18,6 +18,12 @@ from ddpm_jax import file_checks
 from ddpm_jax.errors import InputError
 
 NORMALIZATIONS = ('zscore', 'minmax')
+# How a series is split in time order into training, validation and test rows: by fractions of
+# its rows, or the ETT benchmark's fixed months (the Informer / Autoformer / DLinear loaders).
+PROTOCOLS = ('fractions', 'ett')
+ETT_MONTH = 30 * 24  # hourly rows
+ETT_ROWS = {'train': (0, 12 * ETT_MONTH), 'validation': (12 * ETT_MONTH, 16 * ETT_MONTH),
+            'test': (16 * ETT_MONTH, 20 * ETT_MONTH)}
 # Limits of the CSV reader: a real series has a handful of short cells per row.
 MAX_CSV_COLUMNS = 10_000
 MAX_CSV_LINE = 1 << 20
@@ -60,6 +66,31 @@ class LazyWindows:
     # [n, window] row numbers, then one gather: only the requested windows are copied.
     rows = (indices * self.stride)[:, None] + np.arange(self.window)[None, :]
     return {'x': self.series[rows].astype(np.float32, copy=False)}
+
+
+def split_rows(protocol: str, rows: int, *, val_fraction: float = 0.0,
+               test_fraction: float = 0.0) -> dict:
+  """{'train' | 'validation' | 'test': (first, end)}: each part's own rows of a series of
+  ``rows`` rows, in time order.
+
+  'fractions': the final ``test_fraction`` of the rows are the test part and the
+  ``val_fraction`` before them the validation part. 'ett': rows 0-8,639, 8,640-11,519 and
+  11,520-14,399 (12 / 4 / 4 months of hourly rows; the rows after them are not used).
+  """
+  if protocol == 'ett':
+    end = ETT_ROWS['test'][1]
+    if rows < end:
+      raise InputError(f'data.protocol=ett takes the first {end} rows (20 months of hourly rows: '
+                       f'ETTh1.csv or ETTh2.csv); this series has {rows}')
+    return dict(ETT_ROWS)
+  if protocol != 'fractions':
+    raise InputError(f'unknown data.protocol {protocol!r}; choose one of {", ".join(PROTOCOLS)}')
+  for name, fraction in (('val_fraction', val_fraction), ('test_fraction', test_fraction)):
+    if not 0.0 <= fraction < 1.0:
+      raise InputError(f'data.{name} must lie in [0, 1), got {fraction}')
+  num_test = int(round(rows * test_fraction))
+  split, test_start = rows - int(round(rows * val_fraction)) - num_test, rows - num_test
+  return {'train': (0, split), 'validation': (split, test_start), 'test': (test_start, rows)}
 
 
 def read_series(path: pathlib.Path, columns: str = '', time_column: str = 'date'):
@@ -198,8 +229,10 @@ def check_or_fill_nans(series: np.ndarray, names: Sequence[str], fill: bool, sou
 def fit_normalization(train_part: np.ndarray, method: str, names: Sequence[str]) -> dict:
   """Per-channel statistics of the training part, as a JSON-able dict."""
   if method == 'zscore':
-    std = train_part.std(axis=0)
-    return {'method': method, 'columns': list(names), 'mean': train_part.mean(axis=0).tolist(),
+    # In float64: a float32 sum over thousands of rows drifts in the fifth digit.
+    std = train_part.std(axis=0, dtype=np.float64)
+    return {'method': method, 'columns': list(names),
+            'mean': train_part.mean(axis=0, dtype=np.float64).tolist(),
             'std': np.where(std > 0, std, 1.0).tolist()}
   if method == 'minmax':
     low, high = train_part.min(axis=0), train_part.max(axis=0)
@@ -235,3 +268,28 @@ def denormalize(x, stats: dict):
     return x * np.asarray(stats['std'], np.float32) + np.asarray(stats['mean'], np.float32)
   low, high = np.asarray(stats['min'], np.float32), np.asarray(stats['max'], np.float32)
   return (x + 1.0) / 2.0 * (high - low) + low
+
+
+def fit_linear_map(train_rows: np.ndarray, lookback: int, horizon: int) -> np.ndarray:
+  """The least-squares linear map from ``lookback`` past steps (and a constant) to the next
+  ``horizon``, one per channel, fitted on every window of the training rows [N, C] (DLinear
+  without its trend / seasonal split) -> weights [C, lookback + 1, horizon]."""
+  if len(train_rows) < lookback + horizon + lookback:
+    raise InputError(f'the training part ({len(train_rows)} rows) is too short to fit a linear '
+                     f'map from {lookback} steps to {horizon}')
+  windows = np.lib.stride_tricks.sliding_window_view(train_rows, lookback + horizon, axis=0)
+  weights = []
+  for c in range(train_rows.shape[1]):
+    inputs = windows[:, c, :lookback]  # [W, lookback]
+    design = np.concatenate([inputs, np.ones((len(inputs), 1))], axis=1)
+    weights.append(np.linalg.lstsq(design, windows[:, c, lookback:], rcond=None)[0])
+  return np.stack(weights)
+
+
+def linear_map_forecast(weights: np.ndarray, context: np.ndarray) -> np.ndarray:
+  """context [K, T, C] (T >= lookback; its last lookback steps are used) -> [K, horizon, C]."""
+  lookback = weights.shape[1] - 1
+  if context.shape[1] < lookback:
+    raise InputError(f'the linear map needs {lookback} steps of context, got {context.shape[1]}')
+  past = context[:, context.shape[1] - lookback:]
+  return np.einsum('ktc,cth->khc', past, weights[:, :lookback]) + weights[:, lookback].T[None]

@@ -146,32 +146,79 @@ def _crps(samples: np.ndarray, observations: np.ndarray) -> np.ndarray:
                                                m_axis=-1), np.float64)
 
 
+# Central intervals whose coverage is reported: a calibrated forecast covers 50% and 90%.
+COVERAGE_LEVELS = (0.5, 0.9)
+# The energy score's pairwise term holds [windows, S, S, D] distances: windows are scored in
+# chunks of about this many entries, and at most ENERGY_SAMPLES samples of each.
+ENERGY_BUDGET = 1 << 25
+ENERGY_SAMPLES = 1000
+
+
+def energy_score(samples: np.ndarray, target: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+  """[K] energy score of each window's hidden entries as one vector (scoringrules):
+  E||X - y|| - E||X - X'|| / 2 over samples X [K, S, L, C] of target y [K, L, C]. Observed
+  entries are zeroed in both, so they add nothing; past ENERGY_SAMPLES samples, the first
+  ENERGY_SAMPLES are used."""
+  samples = samples[:, :ENERGY_SAMPLES]
+  weights = hidden.astype(np.float64)
+  flat_samples = (samples * weights[:, None]).reshape(samples.shape[0], samples.shape[1], -1)
+  flat_target = (target * weights).reshape(target.shape[0], -1)
+  chunk = max(1, ENERGY_BUDGET // (flat_samples.shape[1] ** 2 * flat_samples.shape[2]))
+  scores = [np.asarray(scoringrules.es_ensemble(flat_target[i:i + chunk],
+                                               flat_samples[i:i + chunk],
+                                               m_axis=-2, v_axis=-1), np.float64)
+            for i in range(0, len(flat_target), chunk)]
+  return np.concatenate(scores)
+
+
+def interval_coverage(samples: np.ndarray, target: np.ndarray, hidden: np.ndarray,
+                      level: float) -> float:
+  """The share of hidden entries of target [K, L, C] inside the central ``level`` interval of
+  their samples [K, S, L, C] (the empirical (1 - level)/2 and (1 + level)/2 quantiles)."""
+  low, high = np.quantile(samples, ((1 - level) / 2, (1 + level) / 2), axis=1)
+  inside = (low <= target) & (target <= high)
+  return float(inside[hidden].mean())
+
+
 def probabilistic_scores(samples: np.ndarray, target: np.ndarray, hidden: np.ndarray) -> dict:
   """Scores of samples [K, S, L, C] (S = 1 for a point forecast) for target [K, L, C] on the
-  entries where ``hidden`` [K, L, C] is true, all in original units:
+  entries where ``hidden`` [K, L, C] is true, in the units of the arrays:
 
-    crps            mean CRPS over the hidden entries;
+    crps            mean CRPS over the hidden entries (the MAE for a point forecast);
     crps_normalized sum of CRPS / sum of |target| (as CSDI reports it);
     crps_sum        CRPS of the sum over hidden channels at each time step, normalised by the
                     sum of |that sum| (as TimeGrad and CSDI report it);
-    mae, rmse       of the sample median.
+    energy          mean over windows of the energy score of the hidden entries as one vector
+                    (CRPS scores each entry alone; this also scores how they move together);
+    mae, mse, rmse  of the sample median; mae_mean, mse_mean of the sample mean;
+    coverage_50, coverage_90  the share of hidden entries inside the central 50% / 90%
+                    interval of the samples (None for a point forecast).
   """
   hidden = hidden.astype(bool)
   if not hidden.any():
     raise InputError('nothing is hidden: there is nothing to score')
   crps = _crps(np.moveaxis(samples, 1, 0), target)  # [K, L, C]
-  median = np.median(samples, axis=1)
-  error = (median - target)[hidden]
+  error = (np.median(samples, axis=1) - target)[hidden]
+  mean_error = (samples.mean(axis=1) - target)[hidden]
   weights = hidden.astype(np.float64)
   summed_samples = np.einsum('kslc,klc->skl', samples, weights)  # [S, K, L]
   summed_target = np.einsum('klc,klc->kl', target, weights)
   steps = hidden.any(axis=-1)  # [K, L]
   crps_sum = _crps(summed_samples, summed_target)[steps]
-  return {'crps': float(crps[hidden].mean()),
-          'crps_normalized': float(crps[hidden].sum() / np.abs(target[hidden]).sum()),
-          'crps_sum': float(crps_sum.sum() / np.abs(summed_target[steps]).sum()),
-          'mae': float(np.abs(error).mean()),
-          'rmse': float(np.sqrt((error ** 2).mean()))}
+  ensemble = samples.shape[1] > 1
+  scores = {'crps': float(crps[hidden].mean()),
+            'crps_normalized': float(crps[hidden].sum() / np.abs(target[hidden]).sum()),
+            'crps_sum': float(crps_sum.sum() / np.abs(summed_target[steps]).sum()),
+            'energy': float(energy_score(samples, target, hidden).mean()),
+            'mae': float(np.abs(error).mean()),
+            'mse': float((error ** 2).mean()),
+            'rmse': float(np.sqrt((error ** 2).mean())),
+            'mae_mean': float(np.abs(mean_error).mean()),
+            'mse_mean': float((mean_error ** 2).mean())}
+  for level in COVERAGE_LEVELS:
+    scores[f'coverage_{round(level * 100)}'] = (
+        interval_coverage(samples, target, hidden, level) if ensemble else None)
+  return scores
 
 
 def seasonal_naive(history: np.ndarray, horizon: int, season: int) -> np.ndarray:

@@ -102,9 +102,10 @@ def _as_datetimes(labels):
 
 
 def fan_chart(context: np.ndarray, samples: np.ndarray, target: Optional[np.ndarray], names,
-              context_times, future_times, path, title: str) -> pathlib.Path:
+              context_times, future_times, path, title: str,
+              baselines: Optional[dict] = None) -> pathlib.Path:
   """One panel per channel: the context, the 5-95% and 25-75% bands and median of the samples
-  [S, H, C], and the true values when known."""
+  [S, H, C], the true values when known and each baseline's point forecast {name: [H, C]}."""
   channels = samples.shape[-1]
   figure = Figure(figsize=(10, 1.9 * channels), layout='constrained')
   low, q25, median, q75, high = np.quantile(samples, QUANTILES, axis=0)
@@ -119,10 +120,13 @@ def fan_chart(context: np.ndarray, samples: np.ndarray, target: Optional[np.ndar
     axes.plot(x_future, median[:, c], color=plots.COLOURS[0], lw=1.5, label='median')
     if target is not None:
       axes.plot(x_future, target[:, c], color=plots.COLOURS[3], lw=1, label='true')
+    for b, (name, points) in enumerate((baselines or {}).items()):
+      axes.plot(x_future, points[:, c], color=plots.COLOURS[(4 + b) % len(plots.COLOURS)],
+                lw=1, ls='--', label=name.replace('_', ' '))
     axes.set_ylabel(names[c])
     axes.grid(True, alpha=0.3)
   figure.axes[0].set_title(title)
-  figure.axes[0].legend(loc='upper left', fontsize=7, ncol=5)
+  figure.axes[0].legend(loc='upper left', fontsize=7, ncol=7)
   return plots.save_figure(figure, path)
 
 
@@ -148,23 +152,43 @@ def _write_quantile_csv(path, samples: np.ndarray, names, times_of, target=None)
         writer.writerow(row)
 
 
+def resolve_horizon(config, requested: Optional[int]) -> int:
+  """The steps a forecast covers: ``requested`` (None: the run's data.horizon, else 24),
+  checked against the window and against the one horizon a run made for one was trained on."""
+  trained = config.data.get('horizon', 0)
+  horizon = requested if requested is not None else (trained or 24)
+  masking.forecast_mask(config.data.window, config.data.channels, horizon)
+  if trained and horizon != trained:
+    raise InputError(f'this run was trained to forecast {trained} steps (data.horizon) from '
+                     f'{config.data.window - trained}; --horizon={horizon} needs a run trained '
+                     f'with --config.data.horizon={horizon}')
+  return horizon
+
+
+def test_window_picks(count: int, num_windows: int) -> np.ndarray:
+  """Indices of ``num_windows`` windows evenly spaced over ``count`` (0: all of them), the
+  first and the last included."""
+  if num_windows < 0:
+    raise InputError(f'--num_windows must be 0 (every test window) or more, got {num_windows}')
+  if num_windows == 0 or num_windows >= count:
+    return np.arange(count)
+  return np.unique(np.linspace(0, count - 1, num_windows).round().astype(int))
+
+
 def _test_windows(config, series: SeriesInput, num_windows: int):
   """(windows [K, L, C] original units, their first rows [K], the source): evenly spaced
   windows of the test part."""
-  source = input_pipeline.SeriesSource(
-      series.values.astype(np.float32), series.names, config.data.window, config.data.stride,
-      config.data.val_fraction, config.data.normalization,
-      test_fraction=config.data.get('test_fraction', 0.0))
+  source = input_pipeline.source_from_config(series.values.astype(np.float32), series.names,
+                                             config.data)
   if source.test is None:
     raise InputError(f'{series.path} has no test part as long as one window '
                      f'(data.test_fraction={config.data.get("test_fraction", 0.0)}); train with '
                      '--config.data.test_fraction=0.1 (configs/power*.py do)')
   if np.isnan(series.values).any():
     raise InputError(f'{series.path} has missing values; --eval scores on a complete series')
-  picks = np.unique(np.linspace(0, len(source.test) - 1, min(num_windows, len(source.test)))
-                    .astype(int))
+  picks = test_window_picks(len(source.test), num_windows)
   windows = series_data.denormalize(source.test.get_batch(picks)['x'], source.stats)
-  first_rows = source.row_ranges['test'][0] + picks * source.test.stride
+  first_rows = source.window_rows['test'][0] + picks * source.test.stride
   return windows.astype(np.float64), first_rows, source
 
 
@@ -172,7 +196,8 @@ def _normalize(values: np.ndarray, stats: dict) -> np.ndarray:
   return series_data.normalize(np.nan_to_num(values), stats)
 
 
-def forecast(sample_fn, params, config, stats: dict, out: pathlib.Path, *, horizon: int, series_path: str = '',
+def forecast(sample_fn, params, config, stats: dict, out: pathlib.Path, *,
+             horizon: Optional[int] = None, series_path: str = '',
              evaluate: bool = False, num_windows: int = 100, num_samples: int = 100,
              season: int = 24, seed: int = 0, batch_size: int = 256,
              progress_factory: Callable = None, **options) -> dict:
@@ -180,6 +205,7 @@ def forecast(sample_fn, params, config, stats: dict, out: pathlib.Path, *, horiz
   forecast.png (and metrics.json with ``evaluate``). Returns the metrics (or {}). ``config``
   and ``stats`` are the run's (``ddpm_jax.workdir.Run``)."""
   length, channels = config.data.window, config.data.channels
+  horizon = resolve_horizon(config, horizon)
   mask = masking.forecast_mask(length, channels, horizon)
   series = SeriesInput(config, stats, series_path)
   if evaluate:
@@ -225,25 +251,45 @@ def forecast(sample_fn, params, config, stats: dict, out: pathlib.Path, *, horiz
   _write_quantile_csv(out / 'forecast.csv', future, series.names, times_of, target)
   context_times = ([times[first_rows[0] + i] for i in range(length - horizon)] if times
                    else list(range(-(length - horizon), 0)))
+  baselines = forecast_baselines(series.values[:source.row_ranges['train'][1]], context,
+                                 horizon, season, num_samples, seed) if evaluate else {}
   fan_chart(context[0], future[0], None if target is None else target[0], series.names,
             context_times, future_times, out / 'forecast.png',
             f'{horizon}-step forecast, {num_samples} samples' + (' (test window 0)' if evaluate
-                                                                else ''))
+                                                                else ''),
+            {name: b[0, 0] for name, b in baselines.items() if b.shape[1] == 1})
   print(f'{len(windows) * num_samples} forecast samples ({len(windows)} window(s) x '
         f'{num_samples}) in {elapsed:.1f} s, compilation included')
   if not evaluate:
     return {}
+  # The benchmark protocol scores on the training rows' z-scores; other runs in their units.
+  scale = 'z-scored' if config.data.get('protocol') == 'ett' else 'original units'
+  on_scale = (lambda a: series_data.normalize(a, stats)) if scale == 'z-scored' else \
+      (lambda a: a)
   hidden = np.ones(target.shape, bool)
-  train_rows = series.values[:source.row_ranges['train'][1]]
-  result = _result(config, 'forecast', dict(horizon=horizon), len(windows), num_samples, elapsed, {
-      'model': series_metrics.probabilistic_scores(future, target, hidden),
-      'seasonal_naive': series_metrics.probabilistic_scores(
-          series_metrics.seasonal_naive(context, horizon, season)[:, None], target, hidden),
-      'climatology': series_metrics.probabilistic_scores(
-          series_metrics.climatology_samples(train_rows, num_samples, target.shape, seed), target,
-          hidden)})
+  scoring_start = time.time()
+  scores = {name: series_metrics.probabilistic_scores(on_scale(forecasts), on_scale(target),
+                                                      hidden)
+            for name, forecasts in [('model', future)] + list(baselines.items())}
+  result = _result(config, 'forecast', dict(horizon=horizon, scale=scale), len(windows),
+                   num_samples, elapsed, scores)
+  result['scoring_seconds'] = round(time.time() - scoring_start, 2)
   (out / 'metrics.json').write_text(json.dumps(result, indent=2) + '\n')
   return result
+
+
+def forecast_baselines(train_rows: np.ndarray, context: np.ndarray, horizon: int, season: int,
+                       num_samples: int, seed: int) -> dict:
+  """{name: forecasts [K, S, horizon, C]} of the windows' context [K, T, C] (original units)
+  by the simple models a forecaster must beat, fitted on the training rows [N, C]: seasonal
+  naive and the least-squares linear map (points, S = 1) and climatology (S = num_samples)."""
+  weights = series_data.fit_linear_map(train_rows, context.shape[1], horizon)
+  return {
+      'seasonal_naive': series_metrics.seasonal_naive(context, horizon, season)[:, None],
+      'linear_map': series_data.linear_map_forecast(weights, context)[:, None],
+      'climatology': series_metrics.climatology_samples(train_rows, num_samples,
+                                                        (len(context), horizon,
+                                                         context.shape[2]), seed)}
 
 
 def _result(config, task, settings, num_windows, num_samples, elapsed, scores) -> dict:
@@ -388,9 +434,11 @@ def _plot_imputation(window, mask, samples, series: SeriesInput, first_row: int,
 
 def format_scores(result: dict) -> str:
   """The scores of metrics.json as a plain-text table: one row per method."""
-  names = ('crps', 'crps_normalized', 'crps_sum', 'mae', 'rmse')
+  names = ('crps', 'crps_sum', 'energy', 'mae', 'mse', 'coverage_50', 'coverage_90')
   width = max(len(method) for method in result['scores']) + 2
-  lines = [' ' * width + ''.join(f'{n:>17}' for n in names)]
+  lines = [f'scores on the {result.get("scale", "original units")} scale',
+           ' ' * width + ''.join(f'{n:>13}' for n in names)]
   for method, scores in result['scores'].items():
-    lines.append(f'{method:<{width}}' + ''.join(f'{scores[n]:>17.4f}' for n in names))
+    cells = [f'{"-":>13}' if scores[n] is None else f'{scores[n]:>13.4f}' for n in names]
+    lines.append(f'{method:<{width}}' + ''.join(cells))
   return '\n'.join(lines)

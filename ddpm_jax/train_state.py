@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Optional
 
 import flax.struct
 import jax
@@ -125,15 +125,18 @@ def drop_labels(key, labels, rate: float, num_classes: int):
 
 def train_step(state: TrainState, batch: dict, *, model, tx, schedule, target: str,
                weighting: str, min_snr_gamma: float, ema_decay: float, random_flip: bool,
-               label_dropout: float, mask_mix=None):
+               label_dropout: float, mask_mix=None, mask_horizon: int = 0, base_weights=None):
   """One update from a global batch {'x': [B, ...], 'label': [B]}; returns (state, metrics).
 
   An optional ``batch['stop']`` (int32 [B]) comes back as ``metrics['stop']``, its maximum: how
   the processes of a run agree to stop at the same step.
 
   With ``mask_mix`` (a network with observed input) each window gets a mask drawn from that mix
-  (masking.training_masks); the network sees the observed values and the mask, and the loss
-  covers the hidden entries (CSDI's recipe).
+  (masking.training_masks; ``mask_horizon`` > 0 fixes the steps a 'horizon' mask hides); the
+  network sees the observed values and the mask, and the loss
+  covers the hidden entries (CSDI's recipe). With ``base_weights`` (model.forecast_base), a
+  forecast window's horizon is modelled as its difference from the linear map's forecast
+  (masking.linear_base).
 
   A non-finite loss or gradient leaves params, optimiser state and EMA unchanged and is counted.
   """
@@ -147,7 +150,9 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, target: s
 
   loss_mask, network_input = None, lambda x_t: x_t
   if mask_mix is not None:
-    mask = masking.training_masks(mask_key, x0.shape, mask_mix)
+    mask = masking.training_masks(mask_key, x0.shape, mask_mix, mask_horizon)
+    if base_weights is not None:
+      x0 = x0 - masking.linear_base(x0, mask, base_weights)
     loss_mask = masking.loss_mask(mask)
     network_input = lambda x_t: masking.condition_input(x_t, x0, mask)
 
@@ -196,14 +201,17 @@ def apply_gradients(state: TrainState, batch: dict, loss, grads, *, tx, ema_deca
 
 
 def make_train_step(config, model, tx, schedule, state_sharding, batch_sharding,
-                    metrics_sharding):
-  """``train_step`` jitted over the mesh: batch sharded, state replicated and donated."""
+                    metrics_sharding, data_stats: Optional[dict] = None):
+  """``train_step`` jitted over the mesh: batch sharded, state replicated and donated.
+  ``data_stats``: the data's (input_pipeline), whose linear map model.forecast_base takes."""
   step = functools.partial(
       train_step, model=model, tx=tx, schedule=schedule, target=config.diffusion.target,
       weighting=config.diffusion.weighting, min_snr_gamma=config.diffusion.min_snr_gamma,
       ema_decay=config.optim.ema_decay, random_flip=config.data.random_flip,
       label_dropout=config.training.label_dropout,
-      mask_mix=(tuple(config.training.mask_mix) if config_lib.observed_input(config) else None))
+      mask_mix=(tuple(config.training.mask_mix) if config_lib.observed_input(config) else None),
+      mask_horizon=config.data.get('horizon', 0),
+      base_weights=config_lib.base_weights(config, data_stats))
   return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                  out_shardings=(state_sharding, metrics_sharding), donate_argnums=0)
 

@@ -119,7 +119,7 @@ def train(config, workdir) -> train_state.TrainState:
   data_iter = input_pipeline.make_iterator(source, config.training.batch_size,
                                            config.training.seed)
   make_step = lambda state_sharding, batch_sharding, replicated: train_state.make_train_step(
-      config, model, tx, schedule, state_sharding, batch_sharding, replicated)
+      config, model, tx, schedule, state_sharding, batch_sharding, replicated, info.stats)
   return run_in_workdir(config, workdir, mesh, model, init, data_iter, info.stats, make_step)
 
 

@@ -39,9 +39,11 @@ flags.DEFINE_string('inception_weights', '', 'With --eval: the FID network\'s we
                     '$DDPM_JAX_INCEPTION_WEIGHTS or ~/.cache/ddpm_jax/inception/).')
 flags.DEFINE_enum('task', 'generate', ['generate', 'forecast', 'impute'], 'Series runs: '
                   'generate windows, forecast --horizon steps, or fill missing values.')
-flags.DEFINE_integer('horizon', 24, 'forecast: steps to forecast (shorter than the window).')
+flags.DEFINE_integer('horizon', 0, 'forecast: steps to forecast (shorter than the window); 0: '
+                     "the run's data.horizon, else 24.")
 flags.DEFINE_string('series', '', 'forecast / impute: the CSV to read (default: the run\'s data).')
-flags.DEFINE_integer('num_windows', 100, 'forecast / impute --eval: test windows to score.')
+flags.DEFINE_integer('num_windows', 100, 'forecast / impute --eval: test windows to score, evenly '
+                     'spaced over the test part (0: all of them).')
 flags.DEFINE_float('missing', 0.3, 'impute --eval: fraction of points hidden at random.')
 flags.DEFINE_integer('block', 0, 'impute --eval: hide one block of this many steps per window '
                      'instead of random points.')

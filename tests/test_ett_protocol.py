@@ -1,0 +1,235 @@
+"""The ETT benchmark protocol (data.protocol='ett'): its split rows against the Informer /
+DLinear loaders' numbers, the linear-map baseline against scikit-learn, the energy score and
+interval coverage against their closed forms on Gaussian forecasts, and a protocol run's
+backtest against the rows of the CSV it read."""
+
+import json
+import math
+import re
+
+import jax
+import numpy as np
+import pytest
+from scipy import special, stats
+from sklearn.linear_model import LinearRegression
+
+from ddpm_jax import input_pipeline, masking, series_data, series_metrics, series_tasks, trainer
+from ddpm_jax.configs import ett
+from tests.helpers import run_script, skip_unless_ci, tiny_config
+
+LOOKBACK, HORIZON = 96, 24
+
+
+def _ett_source(rows=17420, window=LOOKBACK + HORIZON, horizon=HORIZON, stride=1):
+  # Row r holds r in channel 0 and -r in channel 1, so a window names the rows it was cut from.
+  series = np.stack([np.arange(rows), -np.arange(rows)], axis=1).astype(np.float32)
+  return input_pipeline.SeriesSource(series, ['a', 'b'], window, stride, 0.0, 'zscore',
+                                     protocol='ett', horizon=horizon)
+
+
+def _rows_of(source, windows, picks):
+  x = windows.get_batch(np.asarray(picks))['x'][..., 0]
+  return np.round(x * source.stats['std'][0] + source.stats['mean'][0]).astype(int)
+
+
+def test_split_rows_are_the_literatures():
+  source = _ett_source()
+  assert source.row_ranges == {'train': (0, 8640), 'validation': (8640, 11520),
+                               'test': (11520, 14400)}
+  # Informer's loader: len = border2 - border1 - seq_len - pred_len + 1 with the lookback
+  # taken from the part before: 2,857 test windows at horizon 24.
+  assert (len(source.train), len(source.validation), len(source.test)) == (8521, 2857, 2857)
+  test = _rows_of(source, source.test, [0, len(source.test) - 1])
+  # The first test window looks back into the validation rows and forecasts the first test rows;
+  # the last ends at row 14,399 (rows after the 20 months are not used).
+  assert test[0, 0] == 11520 - LOOKBACK and test[0, LOOKBACK] == 11520
+  assert test[-1, -1] == 14399
+  validation = _rows_of(source, source.validation, [0])
+  assert validation[0, LOOKBACK] == 8640
+  assert _rows_of(source, source.train, [len(source.train) - 1])[0, -1] == 8639
+  # z-scores of the training rows alone: the mean of 0..8639.
+  assert source.stats['mean'][0] == pytest.approx(4319.5)
+  assert source.stats['std'][0] == pytest.approx(np.arange(8640).std(), rel=1e-6)
+  assert source.window_rows['test'] == (11520 - LOOKBACK, 14400)
+
+
+def test_other_horizons_keep_the_lookback():
+  source = _ett_source(window=LOOKBACK + 96, horizon=96)
+  assert len(source.test) == 2880 - 96 + 1
+  assert _rows_of(source, source.test, [0])[0, LOOKBACK] == 11520
+
+
+def test_a_series_shorter_than_the_protocol_is_refused():
+  with pytest.raises(ValueError, match='takes the first 14400 rows .* this series has 14399'):
+    _ett_source(rows=14399)
+  with pytest.raises(ValueError, match='data.horizon in 1..119'):
+    _ett_source(horizon=0)
+
+
+def test_the_config_cuts_lookback_plus_horizon():
+  config = ett.get_config()
+  assert (config.data.window, config.data.lookback, config.data.horizon) == (120, 96, 24)
+  config.data.horizon = 96
+  assert config.data.window == 192
+
+
+def test_training_masks_hide_exactly_the_horizon():
+  masks = np.asarray(masking.training_masks(jax.random.key(0), (200, 120, 3), (0, 0, 0, 1),
+                                            horizon=HORIZON))
+  assert (masks[:, :LOOKBACK] == 1).all() and (masks[:, LOOKBACK:] == 0).all()
+
+
+def test_linear_map_is_least_squares():
+  rng = np.random.default_rng(0)
+  train = rng.normal(size=(300, 2)).cumsum(axis=0)
+  lookback, horizon = 6, 3
+  weights = series_data.fit_linear_map(train, lookback, horizon)
+  context = rng.normal(size=(5, 10, 2))
+  forecast = series_data.linear_map_forecast(weights, context)
+  for c in range(2):  # scikit-learn's regression on the windows, built here row by row
+    inputs = np.stack([train[i:i + lookback, c] for i in range(300 - lookback - horizon + 1)])
+    outputs = np.stack([train[i + lookback:i + lookback + horizon, c]
+                        for i in range(300 - lookback - horizon + 1)])
+    reference = LinearRegression().fit(inputs, outputs).predict(context[:, -lookback:, c])
+    np.testing.assert_allclose(forecast[..., c], reference, rtol=1e-6, atol=1e-8)
+
+
+def test_linear_map_recovers_an_exact_recursion():
+  x = np.zeros(200)
+  x[:2] = 1.0, 2.0
+  for t in range(2, 200):
+    x[t] = 0.5 * x[t - 1] - 0.3 * x[t - 2] + 1.0
+  weights = series_data.fit_linear_map(x[:150, None], 2, 4)
+  forecast = series_data.linear_map_forecast(weights, x[None, 150:170, None])
+  np.testing.assert_allclose(forecast[0, :, 0], x[170:174], atol=1e-8)
+
+
+def _chi_mean(d):
+  """E||Z|| for Z ~ N(0, I_d)."""
+  return math.sqrt(2) * math.exp(special.gammaln((d + 1) / 2) - special.gammaln(d / 2))
+
+
+def test_energy_score_and_coverage_of_a_gaussian_forecast():
+  rng = np.random.default_rng(0)
+  windows, draws, length, channels = 250, 400, 4, 2
+  mean = rng.normal(size=(windows, length, channels))
+  samples = mean[:, None] + rng.normal(size=(windows, draws, length, channels))
+  hidden = np.ones(mean.shape, bool)
+  d = length * channels
+  # At y = the mean: E||X - y|| = chi_d's mean, E||X - X'|| = sqrt(2) times it.
+  energy = series_metrics.energy_score(samples, mean, hidden)
+  expected = _chi_mean(d) * (1 - math.sqrt(2) / 2)
+  assert energy.mean() == pytest.approx(expected, rel=0.03)
+  # Hidden entries only: the observed ones add nothing to either distance.
+  half = hidden.copy()
+  half[:, :, 1] = False
+  shifted = mean + np.where(half, 0.0, 100.0)
+  assert series_metrics.energy_score(samples, shifted, half).mean() == pytest.approx(
+      _chi_mean(d // 2) * (1 - math.sqrt(2) / 2), rel=0.03)
+  # Coverage: a target from the forecast's own law falls in its central p interval w.p. p; a
+  # target shifted by s in P(|Z + s| <= z) = Phi(z - s) - Phi(-z - s).
+  target = mean + rng.normal(size=mean.shape)
+  for level in (0.5, 0.9):
+    got = series_metrics.interval_coverage(samples, target, hidden, level)
+    assert got == pytest.approx(level, abs=3 * math.sqrt(level * (1 - level) / target.size) + 0.01)
+    z = stats.norm.ppf((1 + level) / 2)
+    want = stats.norm.cdf(z - 1.0) - stats.norm.cdf(-z - 1.0)
+    got = series_metrics.interval_coverage(samples, target + 1.0, hidden, level)
+    assert got == pytest.approx(want, abs=3 * math.sqrt(want * (1 - want) / target.size) + 0.01)
+  scores = series_metrics.probabilistic_scores(samples, target, hidden)
+  # The target's own noise: both errors have variance 1 (the median's a little more).
+  assert scores['mse_mean'] == pytest.approx(1.0, rel=0.15)
+  assert scores['mse'] == pytest.approx(scores['mse_mean'], rel=0.05)
+  point = series_metrics.probabilistic_scores(mean[:, None], target, hidden)
+  assert point['coverage_90'] is None and point['crps'] == pytest.approx(point['mae'])
+  assert point['energy'] == pytest.approx(
+      np.linalg.norm((mean - target).reshape(windows, -1), axis=1).mean())
+
+
+def test_test_window_picks_are_evenly_spaced():
+  np.testing.assert_array_equal(series_tasks.test_window_picks(2857, 5), [0, 714, 1428, 2142, 2856])
+  np.testing.assert_array_equal(series_tasks.test_window_picks(7, 0), np.arange(7))
+  np.testing.assert_array_equal(series_tasks.test_window_picks(7, 50), np.arange(7))
+  with pytest.raises(ValueError, match='--num_windows must be 0'):
+    series_tasks.test_window_picks(7, -1)
+
+
+@pytest.fixture(scope='module')
+def ett_csv():
+  from tests.conftest import SHARED_DATA
+  path = SHARED_DATA / 'ETTh1.csv'
+  if not path.is_file():
+    skip_unless_ci(f'{path} is absent')
+  return path
+
+
+@pytest.fixture(scope='module')
+def protocol_run(tmp_path_factory, ett_csv):
+  workdir = tmp_path_factory.mktemp('ett_tiny')
+  config = tiny_config(name='series', path=str(ett_csv), protocol='ett', lookback=12, horizon=4,
+                       window=16)
+  config.model.spatial_dims = 1
+  config.model.observed_input = True
+  config.training.mask_mix = (0.0, 0.0, 0.0, 1.0)
+  trainer.train(config, workdir)
+  return workdir
+
+
+def test_backtest_scores_test_windows_on_the_z_scale(protocol_run, ett_csv, tmp_path):
+  out = tmp_path / 'forecast'
+  run = run_script('sample.py', f'--ckpt={protocol_run}', '--task=forecast', '--eval',
+                   '--num_windows=3', '--num_samples=4', '--method=ddim', '--num_steps=2',
+                   f'--out={out}')
+  assert run.returncode == 0, run.stderr
+  assert 'scores on the z-scored scale' in run.stdout
+  values, _ = series_data.read_series(ett_csv)
+  with np.load(out / 'forecast.npz') as arrays:
+    first_rows = arrays['first_rows']
+    # 2,877 windows of 16 rows over rows 11,508..14,399: the first, middle and last.
+    np.testing.assert_array_equal(first_rows, 11520 - 12 + np.array([0, 1438, 2876]))
+    for k, row in enumerate(first_rows):
+      np.testing.assert_allclose(arrays['context'][k], values[row:row + 12], rtol=1e-5)
+      np.testing.assert_allclose(arrays['target'][k], values[row + 12:row + 16], rtol=1e-5)
+    assert arrays['samples'].shape == (3, 4, 4, 7)
+  result = json.loads((out / 'metrics.json').read_text())
+  assert result['horizon'] == 4 and result['scale'] == 'z-scored'
+  assert set(result['scores']) == {'model', 'seasonal_naive', 'linear_map', 'climatology'}
+  # The linear map's MSE, recomputed here on the z-scale from the CSV's rows.
+  train = values[:8640]
+  mean, std = train.mean(axis=0), train.std(axis=0)
+  z = (values - mean) / std
+  weights = series_data.fit_linear_map(z[:8640], 12, 4)
+  context = np.stack([z[r:r + 12] for r in first_rows])
+  target = np.stack([z[r + 12:r + 16] for r in first_rows])
+  mse = ((series_data.linear_map_forecast(weights, context) - target) ** 2).mean()
+  assert result['scores']['linear_map']['mse'] == pytest.approx(mse, rel=1e-4)
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--horizon=3'], 'trained to forecast 4 steps .* --config.data.horizon=3'),
+    (['--series=columns'], 'the run was trained on columns'),
+])
+def test_protocol_backtest_bad_input(protocol_run, ett_csv, tmp_path, args, message):
+  if args == ['--series=columns']:
+    lines = ett_csv.read_text().splitlines()
+    path = tmp_path / 'columns.csv'
+    path.write_text('\n'.join([lines[0].replace('OT', 'OIL')] + lines[1:]) + '\n')
+    args = [f'--series={path}']
+  run = run_script('sample.py', f'--ckpt={protocol_run}', '--task=forecast', '--eval',
+                   '--num_windows=2', '--num_samples=2', f'--out={tmp_path / "out"}', *args)
+  assert run.returncode == 1
+  lines = run.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('sample.py: error:'), run.stderr
+  assert re.search(message, lines[0]), lines[0]
+
+
+def test_training_on_a_short_csv_is_one_line(ett_csv, tmp_path):
+  path = tmp_path / 'short.csv'
+  path.write_text('\n'.join(ett_csv.read_text().splitlines()[:10001]) + '\n')
+  run = run_script('train.py', '--config=configs/ett.py', f'--workdir={tmp_path / "run"}',
+                   f'--config.data.path={path}')
+  assert run.returncode == 1
+  lines = run.stderr.strip().splitlines()
+  assert lines == ['train.py: error: data.protocol=ett takes the first 14400 rows (20 months of '
+                   'hourly rows: ETTh1.csv or ETTh2.csv); this series has 10000'], run.stderr
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
