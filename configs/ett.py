@@ -26,6 +26,10 @@ def get_config():
   # Most training windows are forecasts of exactly data.horizon steps; the rest keep the run
   # able to generate and impute.
   config.training.mask_mix = (0.1, 0.1, 0.1, 0.7)
+  # The network models a forecast's horizon as its difference from the least-squares linear
+  # map of the lookback (TimeDiff's linear initialisation): on ETTh1 that took the median's
+  # MSE from 0.58 to 0.31 and CRPS from 0.41 to 0.26 (docs/time_series.md).
+  config.model.forecast_base = 'linear_map'
   config.model.attn_resolutions = ()
   config.training.num_steps = 6000
   config.training.checkpoint_every = 1000

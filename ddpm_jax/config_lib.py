@@ -41,6 +41,9 @@ MODEL_INPUT_DEFAULTS = dict(
     # its difference from the least-squares linear map of its lookback, fitted on the training
     # rows (TimeDiff's linear initialisation, Shen & Kwok 2023); '': the values themselves
     forecast_base='',
+    # True (with observed_input): each window less each channel's mean over its observed entries
+    # (RevIN's instance normalisation without the scale, Kim et al. 2022); samples get it back
+    center_observed=False,
 )
 FORECAST_BASES = ('', 'linear_map')
 
@@ -128,14 +131,17 @@ def resolve(config, example_shape: tuple, num_classes: int) -> ml_collections.Co
       raise InputError(f'model.forecast_base={base!r} forecasts data.horizon steps from the '
                        'observed lookback: set --config.model.observed_input=True and '
                        '--config.data.horizon')
+    if center_observed(resolved) and not observed_input(resolved):
+      raise InputError('model.center_observed shifts each window by its observed values: set '
+                       '--config.model.observed_input=True')
     if data.get('protocol') == 'ett' and data.window != data.lookback + data.horizon:
       raise InputError(f'data.protocol=ett cuts windows of lookback + horizon = '
                        f'{data.lookback + data.horizon} steps, but data.window={data.window}; '
                        'leave data.window to configs/ett.py')
     return resolved
-  if observed_input(resolved) or forecast_base(resolved):
-    raise InputError('model.observed_input and model.forecast_base (forecasting and imputation) '
-                     'need series data')
+  if observed_input(resolved) or forecast_base(resolved) or center_observed(resolved):
+    raise InputError('model.observed_input, forecast_base and center_observed (forecasting and '
+                     'imputation) need series data')
   height, width, channels = example_shape
   if height != width:
     raise InputError(f'images are {height}x{width}; the model takes square images')
@@ -187,6 +193,11 @@ def base_weights(config, data_stats: Optional[dict]) -> Optional[np.ndarray]:
     raise InputError('model.forecast_base=linear_map needs the linear map of the training rows '
                      'in the data statistics; the series source fits it when data.horizon > 0')
   return np.asarray(data_stats['linear_map'], np.float32)
+
+
+def center_observed(config) -> bool:
+  """Whether the network sees each window less its observed entries' mean per channel."""
+  return bool(config.model.get('center_observed', MODEL_INPUT_DEFAULTS['center_observed']))
 
 
 def observed_input(config) -> bool:

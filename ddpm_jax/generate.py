@@ -99,6 +99,7 @@ class SampleRequest:
   horizon: Optional[int] = None  # None: the run's data.horizon, else 24
   series: str = ''
   num_windows: int = 100
+  eval_part: str = 'test'  # forecast / impute --eval: test | validation
   missing: float = 0.3
   block: int = 0
   season: int = 24
@@ -118,6 +119,7 @@ class SampleRequest:
         fid_stats=flags.fid_stats, inception_weights=flags.inception_weights,
         allow_unknown_weights=flags.allow_unknown_weights, task=flags.task,
         horizon=flags.horizon or None, series=flags.series, num_windows=flags.num_windows,
+        eval_part=flags.eval_part,
         missing=flags.missing, block=flags.block, season=flags.season,
         overwrite=flags.overwrite)
 
@@ -166,7 +168,8 @@ def _series_task(sample_fn, run, request: SampleRequest, sampler: Sampler,
   options = sampler.kwargs()
   options.pop('guidance_scale')
   common = dict(series_path=request.series, evaluate=request.evaluate,
-                num_windows=request.num_windows, num_samples=request.num_samples,
+                num_windows=request.num_windows, eval_part=request.eval_part,
+                num_samples=request.num_samples,
                 season=request.season, seed=request.seed, batch_size=sampler.batch_size,
                 progress_factory=lambda total: SampleProgress(total, sampler.batch_size,
                                                               sampler.steps), **options)

@@ -136,6 +136,9 @@ def make_sample_fn(model, config, data_stats: Optional[dict] = None):
 
   churn = churn_from_config(config)
   base_weights = config_lib.base_weights(config, data_stats)
+  center = config_lib.center_observed(config)
+  shift_of = lambda condition: masking.window_shift(condition['observed'], condition['mask'],
+                                                    base_weights, center)
 
   def setup(params, key, num_samples, labels, method, num_steps, eta, guidance_scale, spacing,
             rho, condition):
@@ -148,6 +151,10 @@ def make_sample_fn(model, config, data_stats: Optional[dict] = None):
                    variance=defaults.variance, spacing=spacing, rho=rho,
                    churn=churn if method == 'heun' else sampling.Churn())
     shape = (num_samples,) + tuple(example_shape)
+    if condition is not None and (base_weights is not None or center):
+      # The network's space: the observed values less the window's shift (see finish).
+      condition = {'observed': (condition['observed'] - shift_of(condition)) * condition['mask'],
+                   'mask': condition['mask']}
     if condition is not None:
       # Either route puts the observed entries of x_t back, noised to the step's level. For a
       # network trained without masks that is the conditioning (replacement). A masked network
@@ -164,11 +171,11 @@ def make_sample_fn(model, config, data_stats: Optional[dict] = None):
     return model_fn, jax.random.split(key)[1], shape, options
 
   def finish(x, condition):
-    """Observed entries exactly as given (a forecast's base forecast added back to the
-    horizon the network modelled against it); everything in data space."""
+    """The window's shift added back (masking.window_shift) and the observed entries exactly
+    as given; everything in data space."""
     if condition is not None:
-      if base_weights is not None:
-        x = x + masking.linear_base(condition['observed'], condition['mask'], base_weights)
+      if base_weights is not None or center:
+        x = x + shift_of(condition)
       x = jnp.where(condition['mask'] > 0, condition['observed'], x)
     return to_data_space(x, config, data_stats)
 

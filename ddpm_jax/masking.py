@@ -46,22 +46,47 @@ def condition_input(x_t, observed, mask):
   return jnp.concatenate([x_t, observed * mask, mask], axis=-1)
 
 
-def linear_base(observed, mask, weights) -> jax.Array:
-  """[B, L, C]: the linear map's forecast of the horizon where a window is a forecast (its
-  first L - H steps observed, the last H hidden), 0 elsewhere and in every other window.
+def forecast_horizon(mask, horizon: int) -> jax.Array:
+  """bool [B, L, 1]: the last ``horizon`` steps of each window whose mask [B, L, C] is a
+  forecast of exactly that horizon (the steps before it observed, those after hidden)."""
+  length = mask.shape[1]
+  is_forecast = (jnp.all(mask[:, :length - horizon] > 0, axis=(1, 2), keepdims=True)
+                 & jnp.all(mask[:, length - horizon:] == 0, axis=(1, 2), keepdims=True))
+  return is_forecast & (jnp.arange(length) >= length - horizon)[None, :, None]
 
-  ``observed`` [B, L, C] model space; ``weights`` [C, L - H + 1, H] (series_data.fit_linear_map
-  on the normalised training rows). A network modelling ``x - base`` learns the map's error.
-  """
+
+def linear_base(observed, weights) -> jax.Array:
+  """[B, L, C]: the linear map's forecast from each window's first L - H steps ``observed``
+  [B, L, C] (model space) in its last H; 0 before. ``weights`` [C, L - H + 1, H]
+  (series_data.fit_linear_map on the normalised training rows)."""
   horizon = weights.shape[-1]
-  lookback = observed.shape[1] - horizon
-  past = observed[:, :lookback]
-  forecast = (jnp.einsum('blc,clh->bhc', past, weights[:, :lookback])
-              + weights[:, lookback].T[None])
-  is_forecast = (jnp.all(mask[:, :lookback] > 0, axis=(1, 2))
-                 & jnp.all(mask[:, lookback:] == 0, axis=(1, 2)))[:, None, None]
-  base = jnp.concatenate([jnp.zeros_like(past), forecast], axis=1)
-  return jnp.where(is_forecast, base, 0.0)
+  past = observed[:, :observed.shape[1] - horizon]
+  forecast = (jnp.einsum('blc,clh->bhc', past, weights[:, :-1]) + weights[:, -1].T[None])
+  return jnp.concatenate([jnp.zeros_like(past), forecast], axis=1)
+
+
+def observed_mean(observed, mask) -> jax.Array:
+  """[B, 1, C]: each channel's mean over a window's observed entries (0 where none are)."""
+  count = jnp.sum(mask, axis=1, keepdims=True)
+  return jnp.sum(observed * mask, axis=1, keepdims=True) / jnp.maximum(count, 1.0)
+
+
+def window_shift(observed, mask, base_weights=None, center: bool = False) -> jax.Array:
+  """[B, L, C]: what the network's space subtracts from each window, computed from what is
+  observed alone.
+
+  ``center``: each channel's observed mean (RevIN's instance normalisation without the scale,
+  Kim et al. 2022): the network sees shapes, not levels the training months may not have had.
+  ``base_weights``: in a forecast of their horizon, the horizon's shift is the linear map's
+  forecast instead (linear_base; TimeDiff's linear initialisation, Shen & Kwok 2023), so the
+  network models the map's error.
+  """
+  shift = observed_mean(observed, mask) * jnp.ones_like(observed) if center else \
+      jnp.zeros_like(observed)
+  if base_weights is not None:
+    shift = jnp.where(forecast_horizon(mask, base_weights.shape[-1]),
+                      linear_base(observed, base_weights), shift)
+  return shift
 
 
 def loss_mask(mask):

@@ -5,9 +5,10 @@ run trained with ``model.observed_input`` (configs/power*.py), else by replaceme
 training-free route; see sampling.make_plan). Everything written is in original units.
 
   forecast           the ``horizon`` steps after the end of a series, from the window before
-  forecast --eval    a backtest on windows of the run's test part: the last ``horizon`` steps
-                     of each are hidden, forecast, and scored against seasonal naive and the
-                     training part's climatology
+  forecast --eval    a backtest on windows of the run's test part (or validation part): the
+                     last ``horizon`` steps of each are hidden, forecast, and scored against
+                     seasonal naive, the least-squares linear map and the training part's
+                     climatology (on the z-scale for a data.protocol='ett' run)
   impute             the NaNs of a series, each window with gaps filled from the rest
   impute --eval      random points (``missing``) or blocks (``block``) of test windows hidden,
                      filled and scored against linear interpolation and the seasonal profile
@@ -165,30 +166,37 @@ def resolve_horizon(config, requested: Optional[int]) -> int:
   return horizon
 
 
-def test_window_picks(count: int, num_windows: int) -> np.ndarray:
+EVAL_PARTS = ('test', 'validation')
+
+
+def window_picks(count: int, num_windows: int) -> np.ndarray:
   """Indices of ``num_windows`` windows evenly spaced over ``count`` (0: all of them), the
   first and the last included."""
   if num_windows < 0:
-    raise InputError(f'--num_windows must be 0 (every test window) or more, got {num_windows}')
+    raise InputError(f'--num_windows must be 0 (every window) or more, got {num_windows}')
   if num_windows == 0 or num_windows >= count:
     return np.arange(count)
   return np.unique(np.linspace(0, count - 1, num_windows).round().astype(int))
 
 
-def _test_windows(config, series: SeriesInput, num_windows: int):
+def _eval_windows(config, series: SeriesInput, num_windows: int, part: str = 'test'):
   """(windows [K, L, C] original units, their first rows [K], the source): evenly spaced
-  windows of the test part."""
+  windows of the test part (or of the validation part, to choose settings on)."""
+  if part not in EVAL_PARTS:
+    raise InputError(f'unknown --eval_part={part}; choose one of {", ".join(EVAL_PARTS)}')
   source = input_pipeline.source_from_config(series.values.astype(np.float32), series.names,
                                              config.data)
-  if source.test is None:
-    raise InputError(f'{series.path} has no test part as long as one window '
-                     f'(data.test_fraction={config.data.get("test_fraction", 0.0)}); train with '
-                     '--config.data.test_fraction=0.1 (configs/power*.py do)')
+  windows_of_part = getattr(source, part)
+  if windows_of_part is None:
+    fraction = 'test_fraction' if part == 'test' else 'val_fraction'
+    raise InputError(f'{series.path} has no {part} part as long as one window '
+                     f'(data.{fraction}={config.data.get(fraction, 0.0)}); train with '
+                     f'--config.data.{fraction}=0.1 (configs/power*.py do)')
   if np.isnan(series.values).any():
     raise InputError(f'{series.path} has missing values; --eval scores on a complete series')
-  picks = test_window_picks(len(source.test), num_windows)
-  windows = series_data.denormalize(source.test.get_batch(picks)['x'], source.stats)
-  first_rows = source.window_rows['test'][0] + picks * source.test.stride
+  picks = window_picks(len(windows_of_part), num_windows)
+  windows = series_data.denormalize(windows_of_part.get_batch(picks)['x'], source.stats)
+  first_rows = source.window_rows[part][0] + picks * windows_of_part.stride
   return windows.astype(np.float64), first_rows, source
 
 
@@ -199,7 +207,7 @@ def _normalize(values: np.ndarray, stats: dict) -> np.ndarray:
 def forecast(sample_fn, params, config, stats: dict, out: pathlib.Path, *,
              horizon: Optional[int] = None, series_path: str = '',
              evaluate: bool = False, num_windows: int = 100, num_samples: int = 100,
-             season: int = 24, seed: int = 0, batch_size: int = 256,
+             season: int = 24, seed: int = 0, batch_size: int = 256, eval_part: str = 'test',
              progress_factory: Callable = None, **options) -> dict:
   """Forecasts ``horizon`` steps (see the module docstring); writes forecast.npz, forecast.csv,
   forecast.png (and metrics.json with ``evaluate``). Returns the metrics (or {}). ``config``
@@ -209,7 +217,7 @@ def forecast(sample_fn, params, config, stats: dict, out: pathlib.Path, *,
   mask = masking.forecast_mask(length, channels, horizon)
   series = SeriesInput(config, stats, series_path)
   if evaluate:
-    windows, first_rows, source = _test_windows(config, series, num_windows)
+    windows, first_rows, source = _eval_windows(config, series, num_windows, eval_part)
   else:
     if len(series.values) < length - horizon:
       raise InputError(f'{series.path} has {len(series.values)} rows; a forecast needs the '
@@ -271,7 +279,8 @@ def forecast(sample_fn, params, config, stats: dict, out: pathlib.Path, *,
   scores = {name: series_metrics.probabilistic_scores(on_scale(forecasts), on_scale(target),
                                                       hidden)
             for name, forecasts in [('model', future)] + list(baselines.items())}
-  result = _result(config, 'forecast', dict(horizon=horizon, scale=scale), len(windows),
+  result = _result(config, 'forecast', dict(horizon=horizon, scale=scale, part=eval_part),
+                   len(windows),
                    num_samples, elapsed, scores)
   result['scoring_seconds'] = round(time.time() - scoring_start, 2)
   (out / 'metrics.json').write_text(json.dumps(result, indent=2) + '\n')
@@ -311,14 +320,15 @@ def _covering_starts(rows: int, length: int) -> np.ndarray:
 def impute(sample_fn, params, config, stats: dict, out: pathlib.Path, *, series_path: str = '',
            evaluate: bool = False, num_windows: int = 100, num_samples: int = 100,
            missing: float = 0.3, block: int = 0, season: int = 24, seed: int = 0,
-           batch_size: int = 256, progress_factory: Callable = None, **options) -> dict:
+           batch_size: int = 256, eval_part: str = 'test', progress_factory: Callable = None,
+           **options) -> dict:
   """Fills missing values (see the module docstring); writes imputed.csv, imputed.png,
   imputation.npz (and metrics.json with ``evaluate``). Returns the metrics (or {}). ``config``
   and ``stats`` are the run's (``ddpm_jax.workdir.Run``)."""
   length = config.data.window
   series = SeriesInput(config, stats, series_path)
   if evaluate:
-    windows, first_rows, source = _test_windows(config, series, num_windows)
+    windows, first_rows, source = _eval_windows(config, series, num_windows, eval_part)
     masks = masking.evaluation_mask(np.random.default_rng(seed), windows.shape, missing, block)
   else:
     if len(series.values) < length:
@@ -358,6 +368,7 @@ def impute(sample_fn, params, config, stats: dict, out: pathlib.Path, *, series_
     profile = series_metrics.seasonal_profile(train_rows, 0, first_rows[:, None] + np.arange(length),
                                        season)
     settings = dict(block=block) if block else dict(missing=missing)
+    settings['part'] = eval_part
     result = _result(config, 'impute', settings, len(windows), num_samples, elapsed, {
         'model': series_metrics.probabilistic_scores(samples, windows, hidden),
         'linear_interpolation': series_metrics.probabilistic_scores(

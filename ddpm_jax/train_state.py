@@ -125,7 +125,8 @@ def drop_labels(key, labels, rate: float, num_classes: int):
 
 def train_step(state: TrainState, batch: dict, *, model, tx, schedule, target: str,
                weighting: str, min_snr_gamma: float, ema_decay: float, random_flip: bool,
-               label_dropout: float, mask_mix=None, mask_horizon: int = 0, base_weights=None):
+               label_dropout: float, mask_mix=None, mask_horizon: int = 0, base_weights=None,
+               center_observed: bool = False):
   """One update from a global batch {'x': [B, ...], 'label': [B]}; returns (state, metrics).
 
   An optional ``batch['stop']`` (int32 [B]) comes back as ``metrics['stop']``, its maximum: how
@@ -134,9 +135,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, target: s
   With ``mask_mix`` (a network with observed input) each window gets a mask drawn from that mix
   (masking.training_masks; ``mask_horizon`` > 0 fixes the steps a 'horizon' mask hides); the
   network sees the observed values and the mask, and the loss
-  covers the hidden entries (CSDI's recipe). With ``base_weights`` (model.forecast_base), a
-  forecast window's horizon is modelled as its difference from the linear map's forecast
-  (masking.linear_base).
+  covers the hidden entries (CSDI's recipe). ``base_weights`` (model.forecast_base) and
+  ``center_observed`` shift each window first (masking.window_shift).
 
   A non-finite loss or gradient leaves params, optimiser state and EMA unchanged and is counted.
   """
@@ -151,8 +151,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, target: s
   loss_mask, network_input = None, lambda x_t: x_t
   if mask_mix is not None:
     mask = masking.training_masks(mask_key, x0.shape, mask_mix, mask_horizon)
-    if base_weights is not None:
-      x0 = x0 - masking.linear_base(x0, mask, base_weights)
+    x0 = x0 - masking.window_shift(x0, mask, base_weights, center_observed)
     loss_mask = masking.loss_mask(mask)
     network_input = lambda x_t: masking.condition_input(x_t, x0, mask)
 
@@ -211,7 +210,8 @@ def make_train_step(config, model, tx, schedule, state_sharding, batch_sharding,
       label_dropout=config.training.label_dropout,
       mask_mix=(tuple(config.training.mask_mix) if config_lib.observed_input(config) else None),
       mask_horizon=config.data.get('horizon', 0),
-      base_weights=config_lib.base_weights(config, data_stats))
+      base_weights=config_lib.base_weights(config, data_stats),
+      center_observed=config_lib.center_observed(config))
   return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                  out_shardings=(state_sharding, metrics_sharding), donate_argnums=0)
 

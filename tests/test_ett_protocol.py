@@ -7,15 +7,18 @@ import json
 import math
 import re
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 from scipy import special, stats
 from sklearn.linear_model import LinearRegression
 
-from ddpm_jax import input_pipeline, masking, series_data, series_metrics, series_tasks, trainer
+from ddpm_jax import (config_lib, generate, inference, input_pipeline, masking, schedules,
+                      series_data, series_metrics, series_tasks, trainer)
 from ddpm_jax.configs import ett
 from tests.helpers import run_script, skip_unless_ci, tiny_config
+from tests.test_series_tasks import LENGTH, STATS, _series_config
 
 LOOKBACK, HORIZON = 96, 24
 
@@ -146,12 +149,13 @@ def test_energy_score_and_coverage_of_a_gaussian_forecast():
       np.linalg.norm((mean - target).reshape(windows, -1), axis=1).mean())
 
 
-def test_test_window_picks_are_evenly_spaced():
-  np.testing.assert_array_equal(series_tasks.test_window_picks(2857, 5), [0, 714, 1428, 2142, 2856])
-  np.testing.assert_array_equal(series_tasks.test_window_picks(7, 0), np.arange(7))
-  np.testing.assert_array_equal(series_tasks.test_window_picks(7, 50), np.arange(7))
+def test_window_picks_are_evenly_spaced():
+  np.testing.assert_array_equal(series_tasks.window_picks(2857, 5),
+                                [0, 714, 1428, 2142, 2856])
+  np.testing.assert_array_equal(series_tasks.window_picks(7, 0), np.arange(7))
+  np.testing.assert_array_equal(series_tasks.window_picks(7, 50), np.arange(7))
   with pytest.raises(ValueError, match='--num_windows must be 0'):
-    series_tasks.test_window_picks(7, -1)
+    series_tasks.window_picks(7, -1)
 
 
 @pytest.fixture(scope='module')
@@ -233,3 +237,87 @@ def test_training_on_a_short_csv_is_one_line(ett_csv, tmp_path):
   assert lines == ['train.py: error: data.protocol=ett takes the first 14400 rows (20 months of '
                    'hourly rows: ETTh1.csv or ETTh2.csv); this series has 10000'], run.stderr
   assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_window_shift_uses_the_map_in_forecast_horizons_and_the_observed_mean_elsewhere():
+  rng = np.random.default_rng(0)
+  weights = rng.normal(size=(2, 5, 3)).astype(np.float32)  # 2 channels, lookback 4, horizon 3
+  observed = rng.normal(size=(4, 7, 2)).astype(np.float32)
+  forecast = masking.forecast_mask(7, 2, 3)
+  points = (rng.random((7, 2)) < 0.5).astype(np.float32)
+  longer = masking.forecast_mask(7, 2, 4)  # another horizon: not the map's
+  masks = np.stack([forecast, points, np.zeros((7, 2), np.float32), longer])
+  mapped = series_data.linear_map_forecast(weights, observed[:1, :4])[0]
+  base = np.asarray(masking.window_shift(observed, masks, weights))
+  np.testing.assert_allclose(base[0, 4:], mapped, rtol=1e-5, atol=1e-6)
+  assert (base[0, :4] == 0).all() and (base[1:] == 0).all()
+  shift = np.asarray(masking.window_shift(observed * masks, masks, weights, center=True))
+  np.testing.assert_allclose(shift[0, 4:], mapped, rtol=1e-5, atol=1e-6)
+  for k in range(4):
+    seen = masks[k] > 0
+    for c in range(2):
+      want = observed[k, seen[:, c], c].mean() if seen[:, c].any() else 0.0
+      rows = slice(0, 4) if k == 0 else slice(None)
+      np.testing.assert_allclose(shift[k, rows, c], want, rtol=1e-5, atol=1e-6)
+
+
+class StandardNormalDenoiser(nn.Module):
+  """The exact eps prediction for x0 ~ N(0, I) (sigma_t x_t), reading x_t from the network's
+  conditioned input [B, L, 3C]: with a linear base, forecasts are base + N(0, 1)."""
+  num_classes: int = 0
+
+  @nn.compact
+  def __call__(self, x, t, labels=None, train=False):
+    sigma = schedules.linear(1000).sqrt_one_minus_alphas_cumprod[t][:, None, None]
+    return sigma * x[..., :x.shape[-1] // 3]
+
+
+@pytest.mark.parametrize('base,center', [('linear_map', False), ('linear_map', True),
+                                         ('', True)])
+def test_a_shifted_run_samples_the_shift_plus_the_networks_residual(base, center):
+  """The network's space is the window less its shift (the map's forecast in the horizon, or
+  the lookback's mean when centred alone); with the N(0, 1) denoiser a forecast is that shift
+  plus N(0, 1)."""
+  config = _series_config(True)
+  config.data.horizon = 4
+  config.model.forecast_base = base
+  config.model.center_observed = center
+  rng = np.random.default_rng(1)
+  weights = rng.normal(scale=0.3, size=(1, LENGTH - 4 + 1, 4))
+  stats_ = dict(STATS, mean=[2.0], std=[3.0], linear_map=weights.tolist())
+  sample_fn = inference.make_sample_fn(StandardNormalDenoiser(), config, stats_)
+  observed = rng.normal(size=(LENGTH, 1)).astype(np.float32)  # model space
+  mask = masking.forecast_mask(LENGTH, 1, 4)
+  count = 2000
+  samples = np.asarray(sample_fn({}, jax.random.key(0), count, method='ddpm',
+                                 observed=np.broadcast_to(observed * mask, (count, LENGTH, 1)),
+                                 mask=np.broadcast_to(mask, (count, LENGTH, 1))))
+  z = (samples - 2.0) / 3.0  # back to model space
+  np.testing.assert_allclose(z[:, :LENGTH - 4], np.broadcast_to(observed[:LENGTH - 4],
+                                                               (count, LENGTH - 4, 1)), atol=1e-5)
+  expected = (series_data.linear_map_forecast(weights, observed[None, :LENGTH - 4])[0] if base
+              else observed[:LENGTH - 4].mean(0, keepdims=True))
+  np.testing.assert_array_less(np.abs(z[:, LENGTH - 4:].mean(0) - expected), 4 / math.sqrt(count))
+  np.testing.assert_allclose(z[:, LENGTH - 4:].var(0), 1.0, rtol=0.1)
+
+
+def test_a_forecast_base_needs_a_horizon():
+  config = _series_config(True)
+  config.model.forecast_base = 'linear_map'
+  with pytest.raises(ValueError, match='set --config.model.observed_input=True and '
+                                       '--config.data.horizon'):
+    config_lib.resolve(config, (LENGTH, 1), 0)
+  config.data.horizon, config.model.forecast_base = 4, 'linear'
+  with pytest.raises(ValueError, match="unknown model.forecast_base 'linear'"):
+    config_lib.resolve(config, (LENGTH, 1), 0)
+
+
+def test_the_validation_part_can_be_scored_to_choose_settings(protocol_run, tmp_path):
+  out = generate.generate(generate.SampleRequest(
+      str(protocol_run), str(tmp_path / 'val'), num_samples=2, method='ddim', num_steps=2,
+      task='forecast', evaluate=True, num_windows=2, eval_part='validation'))
+  with np.load(out / 'forecast.npz') as arrays:
+    # Validation windows look back into the training rows; the last one's horizon ends at the
+    # validation part's last row, 11,519.
+    np.testing.assert_array_equal(arrays['first_rows'], [8640 - 12, 11520 - 16])
+  assert json.loads((out / 'metrics.json').read_text())['part'] == 'validation'

@@ -204,11 +204,12 @@ def test_sample_flags_become_one_request_whose_unset_values_are_none():
   defaults = dict(ckpt='runs/x', out='', num_samples=64, method='', num_steps=0, spacing='',
                   rho=0.0, eta=-1.0, guidance_scale=-1.0, seed=0, batch_size=0, png_dir='',
                   trajectory=False, labels='', eval=False, fid_stats='', inception_weights='',
-                  allow_unknown_weights=False, task='generate', horizon=24, series='',
-                  num_windows=100, missing=0.3, block=0, season=24, overwrite=False)
+                  allow_unknown_weights=False, task='generate', horizon=0, series='',
+                  num_windows=100, eval_part='test', missing=0.3, block=0, season=24,
+                  overwrite=False)
   request = generate.SampleRequest.from_flags(types.SimpleNamespace(**defaults))
   assert (request.method, request.num_steps, request.spacing, request.rho, request.eta,
-          request.guidance_scale, request.batch_size) == (None,) * 7
+          request.guidance_scale, request.batch_size, request.horizon) == (None,) * 8
   given = generate.SampleRequest.from_flags(types.SimpleNamespace(**{
       **defaults, 'method': 'ddim', 'num_steps': 8, 'eta': 0.0, 'guidance_scale': 0.0}))
   assert (given.method, given.num_steps, given.eta, given.guidance_scale) == ('ddim', 8, 0.0, 0.0)

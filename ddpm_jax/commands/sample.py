@@ -44,6 +44,8 @@ flags.DEFINE_integer('horizon', 0, 'forecast: steps to forecast (shorter than th
 flags.DEFINE_string('series', '', 'forecast / impute: the CSV to read (default: the run\'s data).')
 flags.DEFINE_integer('num_windows', 100, 'forecast / impute --eval: test windows to score, evenly '
                      'spaced over the test part (0: all of them).')
+flags.DEFINE_enum('eval_part', 'test', ['test', 'validation'], 'forecast / impute --eval: score '
+                  'windows of the test part, or of the validation part to choose settings on.')
 flags.DEFINE_float('missing', 0.3, 'impute --eval: fraction of points hidden at random.')
 flags.DEFINE_integer('block', 0, 'impute --eval: hide one block of this many steps per window '
                      'instead of random points.')
