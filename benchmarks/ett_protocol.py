@@ -10,7 +10,7 @@ into ``<run>/ett_eval/<method>_<steps>/s<seed>``, keeping what an earlier call l
 Prints one table per dataset (mean +- sd over seeds, on the z-scored scale: CRPS, MSE and MAE of
 the median, MSE of the mean, the energy score and the 50% / 90% interval coverage) with the
 baselines of the same windows and the published rows, and writes it with its date, machine and
-command to benchmarks/results/ett_protocol_h<horizon>.md, beside ett_protocol_h<horizon>.png:
+command to benchmarks/results/ett_protocol_<datasets>_h<horizon>.md, beside a .png of:
 the reliability of the intervals (coverage against nominal level) and a fan chart of the oil
 temperature (OT) over three test windows.
 """
@@ -187,7 +187,7 @@ def main(argv):
   text = '\n'.join(lines)
   print(text)
   RESULTS.mkdir(parents=True, exist_ok=True)
-  name = f'ett_protocol_h{f.horizon}'
+  name = f'ett_protocol_{"_".join(f.datasets)}_h{f.horizon}'
   (RESULTS / f'{name}.md').write_text(text + f'\n![reliability and fan chart]({name}.png)\n')
   plots.save_figure(figure, RESULTS / f'{name}.png')
   print(f'wrote {RESULTS / name}.md and .png')

@@ -125,7 +125,8 @@ class SampleRequest:
 
   def default_out(self) -> pathlib.Path:
     folder = ('generated' if self.task == 'generate' else
-              self.task + ('_eval' if self.evaluate else ''))
+              self.task + ('_eval' if self.evaluate else '')
+              + ('_validation' if self.evaluate and self.eval_part == 'validation' else ''))
     return workdir_lib.resolve_checkpoint(self.ckpt)[0] / folder / (self.method or 'default')
 
 

@@ -263,8 +263,8 @@ def forecast(sample_fn, params, config, stats: dict, out: pathlib.Path, *,
                                  horizon, season, num_samples, seed) if evaluate else {}
   fan_chart(context[0], future[0], None if target is None else target[0], series.names,
             context_times, future_times, out / 'forecast.png',
-            f'{horizon}-step forecast, {num_samples} samples' + (' (test window 0)' if evaluate
-                                                                else ''),
+            f'{horizon}-step forecast, {num_samples} samples'
+            + (f' ({eval_part} window 0)' if evaluate else ''),
             {name: b[0, 0] for name, b in baselines.items() if b.shape[1] == 1})
   print(f'{len(windows) * num_samples} forecast samples ({len(windows)} window(s) x '
         f'{num_samples}) in {elapsed:.1f} s, compilation included')
@@ -280,8 +280,7 @@ def forecast(sample_fn, params, config, stats: dict, out: pathlib.Path, *,
                                                       hidden)
             for name, forecasts in [('model', future)] + list(baselines.items())}
   result = _result(config, 'forecast', dict(horizon=horizon, scale=scale, part=eval_part),
-                   len(windows),
-                   num_samples, elapsed, scores)
+                   len(windows), num_samples, elapsed, scores)
   result['scoring_seconds'] = round(time.time() - scoring_start, 2)
   (out / 'metrics.json').write_text(json.dumps(result, indent=2) + '\n')
   return result

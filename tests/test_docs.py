@@ -64,6 +64,8 @@ COVERED = {
         'test_docs::test_time_series_commands',
     ('docs/time_series.md', 'bash', 'python sample.py --ckpt=runs/power_small --task=forecast'):
         'test_docs::test_time_series_commands',
+    ('docs/time_series.md', 'bash', 'python train.py --config=configs/ett.py'):
+        'test_docs::test_benchmark_protocol_commands',
     ('docs/training.md', 'bash', 'python train.py --config=configs/digits.py --workdir=runs/mine'):
         'test_docs::test_training_on_a_folder_of_images',
 }
@@ -267,6 +269,28 @@ def test_time_series_commands(tmp_path, shared_data):
   assert (box / 'runs' / 'power_small' / 'impute' / 'default' / 'imputed.csv').is_file()
   assert json.loads((box / 'runs' / 'power_small' / 'forecast_eval' / 'default' /
                      'metrics.json').read_text())
+
+
+@pytest.mark.slow
+def test_benchmark_protocol_commands(tmp_path, shared_data):
+  """docs/time_series.md's ETT protocol commands on ETTh1, training and sampling at test size."""
+  box = sandbox(tmp_path / 'box')
+  (box / 'ETTh1.csv').symlink_to(shared_data / 'ETTh1.csv')
+  train, test_part, validation_part = doc_block('docs/time_series.md',
+                                                'python train.py --config=configs/ett.py')
+  result = run(f'{train} {TINY}', box)
+  assert result.returncode == 0, result.stderr[-3000:]
+  for command in (test_part, validation_part):
+    result = run(f'{command} --num_windows=3 --num_samples=2 --num_steps=2', box)
+    assert result.returncode == 0, (command, result.stderr[-3000:])
+  runs = box / 'runs' / 'ett_h1'
+  for folder, part, first in (('forecast_eval', 'test', 11520 - 96),
+                              ('forecast_eval_validation', 'validation', 8640 - 96)):
+    metrics = json.loads((runs / folder / 'default' / 'metrics.json').read_text())
+    assert (metrics['part'], metrics['scale'], metrics['horizon']) == (part, 'z-scored', 24)
+    assert 'linear_map' in metrics['scores']
+    with np.load(runs / folder / 'default' / 'forecast.npz') as arrays:
+      assert arrays['first_rows'][0] == first
 
 
 def test_configuration_reference_is_up_to_date():
