@@ -134,7 +134,7 @@ def _reliability(axes, dataset: str, folder: pathlib.Path, stats: dict) -> None:
 
 
 def _fan(axes_row, folder: pathlib.Path, names: list) -> None:
-  """OT over three test windows: context, 5-95% band, median, truth and the linear map."""
+  """OT over three test windows: context, 5-95% band, median and truth."""
   channel = names.index('OT') if 'OT' in names else len(names) - 1
   with np.load(folder / 'forecast.npz') as arrays:
     count = len(arrays['samples'])
