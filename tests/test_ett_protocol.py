@@ -209,6 +209,7 @@ def test_backtest_scores_test_windows_on_the_z_scale(protocol_run, ett_csv, tmp_
   assert result['scores']['linear_map']['mse'] == pytest.approx(mse, rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('args,message', [
     (['--horizon=3'], 'trained to forecast 4 steps .* --config.data.horizon=3'),
     (['--series=columns'], 'the run was trained on columns'),
@@ -227,6 +228,7 @@ def test_protocol_backtest_bad_input(protocol_run, ett_csv, tmp_path, args, mess
   assert re.search(message, lines[0]), lines[0]
 
 
+@pytest.mark.slow
 def test_training_on_a_short_csv_is_one_line(ett_csv, tmp_path):
   path = tmp_path / 'short.csv'
   path.write_text('\n'.join(ett_csv.read_text().splitlines()[:10001]) + '\n')
@@ -289,9 +291,10 @@ def test_a_shifted_run_samples_the_shift_plus_the_networks_residual(base, center
   observed = rng.normal(size=(LENGTH, 1)).astype(np.float32)  # model space
   mask = masking.forecast_mask(LENGTH, 1, 4)
   count = 2000
-  samples = np.asarray(sample_fn({}, jax.random.key(0), count, method='ddpm',
-                                 observed=np.broadcast_to(observed * mask, (count, LENGTH, 1)),
-                                 mask=np.broadcast_to(mask, (count, LENGTH, 1))))
+  samples = np.asarray(sample_fn(
+      {}, jax.random.key(0), count, method='ddpm',
+      observed=np.broadcast_to(observed * mask, (count, LENGTH, 1)),
+      mask=np.broadcast_to(mask, (count, LENGTH, 1))))
   z = (samples - 2.0) / 3.0  # back to model space
   np.testing.assert_allclose(z[:, :LENGTH - 4], np.broadcast_to(observed[:LENGTH - 4],
                                                                (count, LENGTH - 4, 1)), atol=1e-5)
