@@ -3,6 +3,7 @@
   python benchmarks/quality_per_call.py --ckpt=runs/digits                 # FD and confidence
   python benchmarks/quality_per_call.py --ckpt=runs/digits --fid_cells=ddim:50,heun:11
   python benchmarks/quality_per_call.py --ckpt=runs/digits --distilled=runs/digits_distilled
+  python benchmarks/quality_per_call.py --ckpt=runs/digits_flow --routes=euler,ddim,dpm_solver++,heun,adaptive --calls=1,2,4,8,16 --results=quality_per_call_flow
 
 For ddim, dpm_solver++, dpm_solver++3m (each on its default spacing), dpm_solver++ and heun on
 Karras spacing, at 1, 2, 4, 8, 10, 20 and 50 calls (heun makes 2 N - 1: the largest N within
@@ -10,8 +11,10 @@ the budget; plus heun at 6 steps, 11 calls), it draws --num_samples samples (fix
 scores them with the digits classifier (digits FD, lower is better, and mean confidence; see
 ddpm_jax.digits_quality) and, for the cells named in --fid_cells (route:calls, FID is slow on
 a CPU: about 80 s per 500 images), FID against all 1,797 digits. --distilled adds each
-finished student of a distillation run (distill.py), sampled with its own steps. Writes
-benchmarks/results/quality_per_call.md and quality_per_call.png (FD against calls, log x).
+finished student of a distillation run (distill.py), sampled with its own steps. --routes and
+--calls choose a subset; on continuous and flow runs the routes euler (Euler on the ODE) and
+adaptive (diffrax's Tsit5 at sampling.rtol/atol: one cell, the calls it took) are there too.
+Writes benchmarks/results/<--results>.md and .png (FD against calls, log x).
 """
 
 import datetime
@@ -26,7 +29,8 @@ from matplotlib.figure import Figure
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ddpm_jax import digits_quality, evaluation, inference, plots  # noqa: E402
+from ddpm_jax import (config_lib, digits_quality, evaluation, inference, plots,  # noqa: E402
+                      schedules)
 from ddpm_jax import workdir as workdir_lib
 
 flags.DEFINE_string('ckpt', None, 'A trained digits run (configs/digits.py).')
@@ -37,6 +41,10 @@ flags.DEFINE_string('fid_cells', '', 'Comma-separated route:calls cells that als
                     'dpm_solver++3m, dpm_solver++/karras, heun).')
 flags.DEFINE_string('distilled', '', 'A distillation workdir (distill.py) of --ckpt: its '
                     'students become the route "distilled".')
+flags.DEFINE_string('routes', '', 'Comma-separated route names to run (default: all that the '
+                    'run takes).')
+flags.DEFINE_string('calls', '', 'Comma-separated call budgets (default: 1,2,4,8,10,20,50).')
+flags.DEFINE_string('results', 'quality_per_call', 'Results file name, without .md / .png.')
 flags.mark_flags_as_required(['ckpt'])
 
 RESULTS = REPO / 'benchmarks' / 'results'
@@ -45,6 +53,7 @@ CALLS = (1, 2, 4, 8, 10, 20, 50)
 ROUTES = (('ddim', 'ddim', None), ('dpm_solver++', 'dpm_solver++', None),
           ('dpm_solver++3m', 'dpm_solver++3m', None),
           ('dpm_solver++/karras', 'dpm_solver++', 'karras'), ('heun', 'heun', 'karras'))
+CONTINUOUS_ROUTES = (('euler', 'euler', None), ('adaptive', 'adaptive', None))
 
 
 def steps_for(method: str, calls: int) -> int:
@@ -62,24 +71,35 @@ def main(argv):
   if config.data.name != 'digits':
     raise SystemExit(f'{f.ckpt} is a {config.data.name} run; this benchmark scores digits')
   fid_cells = {cell.strip() for cell in f.fid_cells.split(',') if cell.strip()}
+  budgets = tuple(int(c) for c in f.calls.split(',')) if f.calls else CALLS
+  routes = ROUTES + (CONTINUOUS_ROUTES if schedules.is_continuous(
+      config_lib.schedule_from_config(config)) else ())
+  if f.routes:
+    wanted = f.routes.split(',')
+    routes = tuple(r for r in routes if r[0] in wanted)
   classifier = digits_quality.load_classifier()
   rows = []
   cells = []  # (route, steps), each once, in order
-  for route in ROUTES:
-    steps = {steps_for(route[1], calls) for calls in CALLS} | ({6} if route[0] == 'heun' else set())
+  for route in routes:
+    if route[1] == 'adaptive':  # the solver picks its steps: one cell
+      cells.append((route, None))
+      continue
+    steps = {steps_for(route[1], calls) for calls in budgets} | (
+        {6} if route[0] == 'heun' and not f.calls else set())
     cells += [(route, n) for n in sorted(steps)]
   students = workdir_lib.finished_students(f.distilled) if f.distilled else {}
   cells += [(('distilled', 'ddim', 'trailing'), n) for n in sorted(students)]
   for (name, method, spacing), steps in cells:
     route_fn, route_params = (inference.load_sampler(students[steps]) if name == 'distilled'
                               else (sample_fn, params))
+    calls = []
     samples = inference.sample_in_batches(route_fn, route_params, jax.random.key(f.seed),
-                                          f.num_samples, f.num_samples, method=method,
-                                          num_steps=steps, spacing=spacing)
+                                          f.num_samples, f.num_samples, calls=calls,
+                                          method=method, num_steps=steps, spacing=spacing)
     uint8 = np.round(samples * 255).astype(np.uint8)
     scores = digits_quality.quality(uint8, classifier=classifier)
-    nfe = 2 * steps - 1 if method == 'heun' else steps
-    row = dict(route=name, calls=nfe, steps=steps, fd=scores['fd'],
+    nfe = calls[0]
+    row = dict(route=name, calls=nfe, steps=steps or '-', fd=scores['fd'],
                confidence=scores['confidence'], fid=None)
     if f'{name}:{nfe}' in fid_cells:
       row['fid'] = evaluation.evaluate_images(uint8, config, run.workdir)['fid']
@@ -91,6 +111,9 @@ def main(argv):
   lines = [f'Measured {datetime.date.today()} on {machine}: `python benchmarks/'
            f'quality_per_call.py --ckpt={f.ckpt}' + (f' --fid_cells={f.fid_cells}'
                                                      if f.fid_cells else '')
+           + (f' --routes={f.routes}' if f.routes else '')
+           + (f' --calls={f.calls}' if f.calls else '')
+           + (f' --results={f.results}' if f.results != 'quality_per_call' else '')
            + (f' --distilled={f.distilled}' if f.distilled else '') + '`, run at '
            f'checkpoint {run.step}, {f.num_samples} samples per cell, seed {f.seed}. '
            'Digits FD (lower is better) and confidence from ddpm_jax.digits_quality; FID '
@@ -102,7 +125,7 @@ def main(argv):
                  + ('-' if row['fid'] is None else f'{row["fid"]:.2f}') + ' |')
   text = '\n'.join(lines) + '\n'
   RESULTS.mkdir(parents=True, exist_ok=True)
-  (RESULTS / 'quality_per_call.md').write_text(text)
+  (RESULTS / f'{f.results}.md').write_text(text)
   series = {}
   for row in rows:
     series.setdefault(row['route'], []).append((row['calls'], row['fd']))
@@ -115,11 +138,12 @@ def main(argv):
   axes.set_yscale('log')
   axes.set_xlabel('network calls per sample')
   axes.set_ylabel('digits FD (lower is better)')
-  axes.set_title(f'Quality per call: digits run, checkpoint {run.step}, '
+  axes.set_title(f'Quality per call: {run.workdir.name} ({config.diffusion.schedule}), '
+                 f'checkpoint {run.step}, '
                  f'{f.num_samples} samples')
   axes.grid(True, which='both', alpha=0.3)
   axes.legend()
-  plots.save_figure(figure, RESULTS / 'quality_per_call.png')
+  plots.save_figure(figure, RESULTS / f'{f.results}.png')
   print(text)
 
 

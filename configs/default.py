@@ -84,14 +84,16 @@ def get_config():
   config.model = model_small()
 
   config.diffusion = ml_collections.ConfigDict(dict(
-      schedule='linear',  # linear | cosine | vp_linear | vp_cosine
+      # linear | cosine (discrete, T steps) | vp_linear | vp_cosine (continuous VP-SDE) |
+      # rectified_flow (x_t = (1 - t) x0 + t eps; configs/digits_flow.py)
+      schedule='linear',
       num_timesteps=1000,  # T of the discrete schedules
       beta_start=1e-4,  # linear: beta_1
       beta_end=0.02,  # linear: beta_T
       cosine_s=0.008,  # cosine (Nichol & Dhariwal): the offset s
       vp_beta_min=0.1,  # vp_linear: beta(0) of the VP-SDE
       vp_beta_max=20.0,  # vp_linear: beta(1)
-      target='eps',  # eps | x0 | v
+      target='eps',  # eps | x0 | v | velocity (d x_t / dt; continuous schedules, weighting simple)
       weighting='simple',  # simple | snr | min_snr
       min_snr_gamma=5.0,  # min_snr: the weight is min(SNR, gamma) (Hang et al. 2023)
       timestep_sampling='uniform',  # uniform | importance
@@ -106,6 +108,9 @@ def get_config():
       b2=0.999,  # Adam
       eps=1e-8,  # Adam
       ema_decay=0.995,  # the run's last ~200 updates; the paper's 0.9999 suits 800k steps
+      # K > 1: each step's gradient in K micro-batches (a scan: the activations of B / K
+      # examples at a time), the same examples, t and noise, one update; K divides B / devices
+      grad_accum_steps=1,
   ))
 
   config.training = ml_collections.ConfigDict(dict(
@@ -132,8 +137,9 @@ def get_config():
   ))
 
   config.sampling = ml_collections.ConfigDict(dict(
-      # ddpm | ddim | dpm_solver++ | dpm_solver++3m | heun | euler_maruyama | ode. dpm_solver++
-      # at 20 steps: why is in docs/sampling.md.
+      # ddpm | ddim | dpm_solver++ | dpm_solver++3m | heun | euler | adaptive | euler_maruyama |
+      # ode (euler, adaptive and the last two: continuous schedules). dpm_solver++ at 20 steps:
+      # why is in docs/sampling.md.
       method='dpm_solver++',
       num_steps=20,  # reverse steps (ddpm takes all T)
       eta=0.0,  # ddim: 0 deterministic .. 1 (DDPM-like noise)
@@ -143,6 +149,8 @@ def get_config():
       # the method's own default (the first named).
       spacing='',
       rho=7.0,  # karras spacing (Karras et al. 2022)
+      rtol=1e-3,  # adaptive only (it takes no num_steps): the diffrax solve's relative tolerance
+      atol=1e-3,  # adaptive only: its absolute tolerance
       # heun only: EDM's stochastic churn (0: the deterministic sampler).
       s_churn=0.0,  # how much noise is added per step
       s_tmin=0.0,  # churn only between these noise levels

@@ -95,6 +95,8 @@ def schedule_from_config(config):
     return schedules_lib.vp_linear(d.vp_beta_min, d.vp_beta_max)
   if d.schedule == 'vp_cosine':
     return schedules_lib.vp_cosine(s=d.cosine_s)
+  if d.schedule == 'rectified_flow':
+    return schedules_lib.rectified_flow()
   return schedules_lib.get_schedule(d.schedule)  # raises the ValueError naming the choices
 
 

@@ -13,7 +13,9 @@ import numpy as np
 from ddpm_jax import schedules as schedules_lib
 from ddpm_jax.errors import InputError
 
-PREDICTIONS = ('eps', 'x0', 'v', 'score')
+# v = alpha eps - sigma x0 (Salimans & Ho 2022); velocity = d x_t / dt = alpha' x0 + sigma' eps
+# (the flow's eps - x0), for continuous schedules.
+PREDICTIONS = ('eps', 'x0', 'v', 'velocity', 'score')
 
 
 def concrete_or_none(x):
@@ -49,7 +51,8 @@ def check_prediction(name: str, allowed=PREDICTIONS) -> None:
 
 
 def alpha_sigma(schedule, t):
-  """(sqrt(abar_t), sqrt(1 - abar_t)), each of t's shape."""
+  """(alpha_t, sigma_t) of x_t = alpha_t x0 + sigma_t eps, each of t's shape (VP: sqrt(abar_t),
+  sqrt(1 - abar_t))."""
   if schedules_lib.is_continuous(schedule):
     t = jnp.asarray(t, jnp.float32)
     return schedule.mean_coef(t), schedule.std(t)
@@ -58,7 +61,7 @@ def alpha_sigma(schedule, t):
 
 
 def log_snr(schedule, t):
-  """log(abar_t / (1 - abar_t)), t's shape."""
+  """log(alpha_t² / sigma_t²), t's shape."""
   if schedules_lib.is_continuous(schedule):
     return schedule.log_snr(jnp.asarray(t, jnp.float32))
   abar = schedule.alphas_cumprod[jnp.asarray(t)]
@@ -74,7 +77,8 @@ def per_example(coef, x):
 
 
 def q_sample(schedule, x0, t, noise):
-  """Draws x_t ~ q(x_t | x0) = N(sqrt(abar_t) x0, (1 - abar_t) I) with the given noise.
+  """Draws x_t ~ q(x_t | x0) = N(alpha_t x0, sigma_t² I) with the given noise (VP: alpha_t =
+  sqrt(abar_t), sigma_t = sqrt(1 - abar_t); the flow: 1 - t and t).
 
   x0, noise: [B, ...]; t: [B] integer (discrete) or float in [0, 1] (continuous).
   """
@@ -113,42 +117,85 @@ def reverse_log_variance(schedule: schedules_lib.DiscreteSchedule, variance: str
                    f'{", ".join(REVERSE_VARIANCES)}')
 
 
-def split_prediction(value, x_t, alpha, sigma, prediction: str):
+def alpha_sigma_rates(schedule, t):
+  """(d alpha / dt, d sigma / dt) of a continuous schedule, each of t's shape (forward-mode
+  derivatives of alpha_sigma: one formula for every path)."""
+  if not schedules_lib.is_continuous(schedule):
+    raise InputError('d alpha / dt needs a continuous schedule (vp_linear, vp_cosine, '
+                     'rectified_flow); a discrete one has no time derivative')
+  t = jnp.asarray(t, jnp.float32)
+  return jax.jvp(lambda u: alpha_sigma(schedule, u), (t,), (jnp.ones_like(t),))[1]
+
+
+def split_prediction(value, x_t, alpha, sigma, prediction: str, rates=None):
   """(x0, eps) implied by a network output under ``prediction``; alpha, sigma broadcast to x_t.
 
-  Uses alpha² + sigma² = 1: from v, x0 = alpha x_t - sigma v and eps = sigma x_t + alpha v.
+  Holds on any path x_t = alpha x0 + sigma eps: from v, x0 = (alpha x_t - sigma v) / (alpha² +
+  sigma²) (VP: alpha x_t - sigma v). ``rates`` = (d alpha/dt, d sigma/dt), broadcast like alpha,
+  is needed by 'velocity' only: x0 = (sigma' x_t - sigma u) / D, eps = (alpha u - alpha' x_t) / D
+  with D = alpha sigma' - sigma alpha' (the flow: D = 1).
   """
   if prediction == 'eps':
     return (x_t - sigma * value) / alpha, value
   if prediction == 'x0':
     return value, (x_t - alpha * value) / sigma
   if prediction == 'v':
-    return alpha * x_t - sigma * value, sigma * x_t + alpha * value
+    norm = alpha ** 2 + sigma ** 2
+    return (alpha * x_t - sigma * value) / norm, (sigma * x_t + alpha * value) / norm
+  if prediction == 'velocity':
+    d_alpha, d_sigma = _need_rates(rates)
+    det = alpha * d_sigma - sigma * d_alpha
+    return (d_sigma * x_t - sigma * value) / det, (alpha * value - d_alpha * x_t) / det
   if prediction == 'score':
     eps = -sigma * value
     return (x_t - sigma * eps) / alpha, eps
   check_prediction(prediction)
 
 
-def join_prediction(x0, eps, alpha, sigma, target: str):
-  """The quantity ``target`` from (x0, eps); alpha, sigma broadcast to x0."""
+def _need_rates(rates):
+  if rates is None:
+    raise InputError("the 'velocity' prediction needs d alpha/dt and d sigma/dt (a continuous "
+                     "schedule)")
+  return rates
+
+
+def join_prediction(x0, eps, alpha, sigma, target: str, rates=None):
+  """The quantity ``target`` from (x0, eps); alpha, sigma (and ``rates`` for 'velocity')
+  broadcast to x0."""
   if target == 'eps':
     return eps
   if target == 'x0':
     return x0
   if target == 'v':
     return alpha * eps - sigma * x0
+  if target == 'velocity':
+    d_alpha, d_sigma = _need_rates(rates)
+    return d_alpha * x0 + d_sigma * eps
   if target == 'score':
     return -eps / sigma
   check_prediction(target)
 
 
+def coefficients(schedule, t, x, with_rates: bool):
+  """(alpha, sigma, rates) at t [B] broadcast to x [B, ...]; rates (d alpha/dt, d sigma/dt) or
+  None."""
+  alpha, sigma = alpha_sigma(schedule, t)
+  rates = tuple(per_example(r, x) for r in alpha_sigma_rates(schedule, t)) if with_rates \
+      else None
+  return per_example(alpha, x), per_example(sigma, x), rates
+
+
+def regression_target(schedule, x0, noise, t, target: str):
+  """What a network trained for ``target`` regresses at x_t = alpha x0 + sigma noise: [B, ...]."""
+  alpha, sigma, rates = coefficients(schedule, t, x0, target == 'velocity')
+  return join_prediction(x0, noise, alpha, sigma, target, rates)
+
+
 def convert_prediction(schedule, x_t, t, value, *, source: str, target: str):
-  """Converts a network output between eps, x0, v (= sqrt(abar) eps - sqrt(1-abar) x0) and the
-  score (= -eps / sqrt(1 - abar)), given x_t [B, ...] and t [B]."""
+  """Converts a network output between eps, x0, v (= alpha eps - sigma x0), the velocity
+  (= d x_t / dt) and the score (= -eps / sigma), given x_t [B, ...] and t [B]."""
   check_prediction(source)
   check_prediction(target)
-  alpha, sigma = alpha_sigma(schedule, t)
-  alpha, sigma = per_example(alpha, x_t), per_example(sigma, x_t)
-  x0, eps = split_prediction(value, x_t, alpha, sigma, source)
-  return join_prediction(x0, eps, alpha, sigma, target)
+  alpha, sigma, rates = coefficients(schedule, t, x_t, 'velocity' in (source, target))
+  x0, eps = split_prediction(value, x_t, alpha, sigma, source, rates)
+  return join_prediction(x0, eps, alpha, sigma, target, rates)

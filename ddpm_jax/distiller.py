@@ -146,6 +146,9 @@ def distill(config, teacher: str, workdir: str) -> dict:
   if config.distill.student_prediction not in distillation.STUDENT_PREDICTIONS:
     raise InputError(f'distill.student_prediction={config.distill.student_prediction!r}; choose '
                      f'one of {", ".join(distillation.STUDENT_PREDICTIONS)}')
+  if config.optim.get('grad_accum_steps', 1) != 1:
+    raise InputError('distill.py does not accumulate gradients yet; set '
+                     'optim.grad_accum_steps=1 (or a smaller training.batch_size)')
   sharding.initialize_distributed()
   mesh = sharding.make_mesh()
   sharding.check_global_batch(config.training.batch_size, mesh)

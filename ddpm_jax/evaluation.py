@@ -1,6 +1,7 @@
 """Scores of a trained image run: FID / KID of its samples against its data or a statistics file
 (``sample.py --eval``), the digits classifier measure, and the bits per dimension of held-out
-data under the variational bound (``python -m ddpm_jax.bpd``)."""
+data under the variational bound or through the probability-flow ODE (``python -m
+ddpm_jax.bpd``)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import jax
 import numpy as np
 
 from ddpm_jax import (config_lib, digits_quality, diffusion, image_metrics, inception, inference,
-                      input_pipeline, likelihood, progress)
+                      input_pipeline, likelihood, ode_likelihood, progress)
 from ddpm_jax import schedules as schedules_lib
 from ddpm_jax import workdir as workdir_lib
+from ddpm_jax.models import create_model
 from ddpm_jax.errors import InputError
 
 FID_PROTOCOL = ('pytorch-fid: Inception-v3 (TF 2015-12-05) pool3, bilinear resize to 299 '
@@ -96,20 +98,84 @@ def _bound_data(config, split: str, num_images: int) -> tuple[np.ndarray, str]:
   return images, f'{where} ({len(images)} images)'
 
 
+def _image_run(ckpt: str):
+  run = workdir_lib.load_run(ckpt)
+  if config_lib.is_series(run.config):
+    raise InputError('bits per dimension is defined here for 8-bit images; this run models a '
+                     'time series')
+  return run
+
+
+def ode_bits_per_dim(ckpt: str, *, split: str = 'test', num_images: int = 0,
+                     batch_size: int = 100, seed: int = 0, num_probes: int = 1,
+                     exact: bool = False, rtol: float = 1e-5, atol: float = 1e-5) -> dict:
+  """Bits per dimension of the run's data through the probability-flow ODE of its EMA network
+  (ddpm_jax.ode_likelihood), dequantised as score_sde does: batch i's uniform noise and probes
+  come from fold_in(key(seed), i). Continuous runs (vp_*, rectified_flow) only."""
+  run = _image_run(ckpt)
+  config, params = run.config, run.params
+  # The divergence takes forward-mode derivatives, which the fused GroupNorm's hand-written
+  # backward pass (a custom_vjp) does not have; the plain one computes the same outputs.
+  forward_config = config.copy_and_resolve_references()
+  forward_config.model.fused_group_norm = False
+  model = create_model(forward_config)
+  schedule = config_lib.schedule_from_config(config)
+  if not schedules_lib.is_continuous(schedule):
+    raise InputError(f'checkpoint {run.step} uses the discrete {config.diffusion.schedule} '
+                     f'schedule; the ODE likelihood needs a continuous run (vp_linear, '
+                     f'vp_cosine, rectified_flow): use --method=bound for this one')
+  images, description = _bound_data(config, split, num_images)
+  batch_size = min(batch_size, len(images))
+
+  @jax.jit
+  def score(params, images, key):
+    noise_key, probe_key = jax.random.split(key)
+    x = ode_likelihood.dequantise(images, noise_key)
+    result = ode_likelihood.ode_log_likelihood(
+        inference.guided_model_fn(model, params, None, 1.0), schedule, x, probe_key,
+        prediction=config.diffusion.target, num_probes=num_probes, exact=exact, rtol=rtol,
+        atol=atol)
+    dims = int(np.prod(images.shape[1:]))
+    return ode_likelihood.dequantised_bits_per_dim(result.log_p, dims), result.nfe
+
+  bar = progress.Progress(len(images), 'ODE likelihood', 'image')
+  start, bits, calls = time.time(), [], []
+  try:
+    for index, begin in enumerate(range(0, len(images), batch_size)):
+      batch = images[begin:begin + batch_size]
+      padded = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(batch), axis=0)])
+      bpd, nfe = score(params, padded, jax.random.fold_in(jax.random.key(seed), index))
+      bits.append(np.asarray(bpd)[:, :len(batch)])
+      calls.append(int(nfe))
+      bar.advance(len(batch))
+  finally:
+    bar.close()
+  bits = np.concatenate(bits, axis=1)  # [probes, images]
+  per_image = bits.mean(axis=0)
+  return {
+      'data': description, 'checkpoint': run.step, 'schedule': config.diffusion.schedule,
+      'bpd': float(per_image.mean()),
+      'bpd_standard_error': float(per_image.std(ddof=1) / np.sqrt(len(per_image)))
+      if len(per_image) > 1 else float('nan'),
+      'divergence': 'exact' if exact else f'hutchinson, {num_probes} rademacher probe(s)',
+      # The Hutchinson noise: each image's spread over its probes, averaged over images.
+      'probe_std': float(bits.std(axis=0, ddof=1).mean()) if len(bits) > 1 else 0.0,
+      'rtol': rtol, 'atol': atol, 'nfe_per_batch': float(np.mean(calls)),
+      'num_images': len(per_image), 'seconds': round(time.time() - start, 2),
+  }
+
+
 def bits_per_dim(ckpt: str, *, split: str = 'test', num_images: int = 0, batch_size: int = 100,
                  variances=diffusion.REVERSE_VARIANCES, seed: int = 0) -> dict:
   """The DDPM variational bound of the run's EMA network on ``split`` of its data, in bits per
   dimension, for each reverse variance: {'small': {'bpd', 'prior', 'decoder', 'kl'}, ...}."""
-  run = workdir_lib.load_run(ckpt)
+  run = _image_run(ckpt)
   config, model, params = run.config, run.model, run.params
-  if config_lib.is_series(config):
-    raise InputError('bits per dimension is defined here for 8-bit images; this run models a '
-                     'time series')
   schedule = config_lib.schedule_from_config(config)
   if schedules_lib.is_continuous(schedule):
     raise InputError(f'checkpoint {run.step} uses the continuous-time '
                      f'{config.diffusion.schedule} schedule; the discrete bound needs a '
-                     'linear or cosine (discrete) run')
+                     'linear or cosine (discrete) run: use --method=ode for this one')
   images, description = _bound_data(config, split, num_images)
   x0_all = input_pipeline.images_to_model(images)
   result = {'data': description, 'checkpoint': run.step,

@@ -84,6 +84,8 @@ class SampleRequest:
   num_steps: Optional[int] = None  # a distillation workdir: which student
   spacing: Optional[str] = None
   rho: Optional[float] = None
+  rtol: Optional[float] = None  # adaptive only
+  atol: Optional[float] = None
   eta: Optional[float] = None
   guidance_scale: Optional[float] = None
   seed: int = 0
@@ -111,7 +113,7 @@ class SampleRequest:
     return cls(
         ckpt=flags.ckpt, out=flags.out, num_samples=flags.num_samples,
         method=flags.method or None, num_steps=flags.num_steps or None,
-        spacing=flags.spacing or None, rho=flags.rho or None,
+        spacing=flags.spacing or None, rho=flags.rho or None, rtol=flags.rtol, atol=flags.atol,
         eta=None if flags.eta < 0 else flags.eta,
         guidance_scale=None if flags.guidance_scale < 0 else flags.guidance_scale,
         seed=flags.seed, batch_size=flags.batch_size or None, png_dir=flags.png_dir,
@@ -141,22 +143,32 @@ class Sampler:
   eta: Optional[float]
   guidance_scale: Optional[float]
   batch_size: int
+  rtol: Optional[float] = None  # adaptive only
+  atol: Optional[float] = None
 
   def kwargs(self) -> dict:
     """The options every sample_fn call of the request passes."""
     return dict(method=self.method, num_steps=self.num_steps, spacing=self.spacing,
-                rho=self.rho, eta=self.eta, guidance_scale=self.guidance_scale)
+                rho=self.rho, eta=self.eta, guidance_scale=self.guidance_scale,
+                rtol=self.rtol, atol=self.atol)
+
+  def describe(self) -> str:
+    """The method and its steps (or tolerances), for the console and timing.txt."""
+    if self.method == 'adaptive':
+      return f'adaptive (rtol {self.rtol:g}, atol {self.atol:g})'
+    return f'{self.method} ({self.steps} steps, {self.spacing} spacing)'
 
 
 def resolve_sampler(request: SampleRequest, config) -> Sampler:
   method, num_steps, steps = inference.resolve_method(
       config, config_lib.schedule_from_config(config), request.method, request.num_steps)
   spacing, rho = inference.resolve_spacing(config, method, request.spacing, request.rho)
+  rtol, atol = inference.resolve_tolerances(config, method, request.rtol, request.atol)
   batch_size = request.batch_size or config.sampling.batch_size
   if request.task == 'generate':
     batch_size = min(batch_size, request.num_samples)
   return Sampler(method, num_steps, steps, spacing, rho, request.eta, request.guidance_scale,
-                 batch_size)
+                 batch_size, rtol, atol)
 
 
 def _series_task(sample_fn, run, request: SampleRequest, sampler: Sampler,
@@ -224,16 +236,17 @@ def generate(request: SampleRequest) -> pathlib.Path:
   if request.png_dir:
     file_checks.check_output_folder(request.png_dir, request.overwrite, '--png_dir')
   progress = SampleProgress(request.num_samples, sampler.batch_size, sampler.steps)
-  start = time.time()
+  start, calls = time.time(), []
   try:
     samples = inference.sample_in_batches(sample_fn, run.params, jax.random.key(request.seed),
                                           request.num_samples, sampler.batch_size,
-                                          progress=progress, **kwargs)
+                                          progress=progress, calls=calls, **kwargs)
   finally:
     progress.close()
   elapsed = time.time() - start
+  calls_text = f'{np.mean(calls):.1f} network calls (mean over batches)'
   print(f'{request.num_samples} samples from {run.workdir} (checkpoint {run.step}) with '
-        f'{sampler.method} ({sampler.steps} steps) in {elapsed:.1f} s, compilation included')
+        f'{sampler.describe()}, {calls_text}, in {elapsed:.1f} s, compilation included')
   file_checks.create_output_folder(out)
 
   if config_lib.is_series(config):
@@ -266,7 +279,7 @@ def generate(request: SampleRequest) -> pathlib.Path:
     _, (x_t, x0) = sample_fn(run.params, jax.random.key(request.seed), count,
                              return_trajectory=True, **traj_kwargs)
     plot_trajectory(np.asarray(x_t), np.asarray(x0), out / 'trajectory.png')
-  (out / 'timing.txt').write_text(f'{sampler.method} {sampler.steps} steps ({sampler.spacing} '
-                                  f'spacing) {request.num_samples} samples {elapsed:.2f} s\n')
+  (out / 'timing.txt').write_text(f'{sampler.describe()} {request.num_samples} samples '
+                                  f'{elapsed:.2f} s, {calls_text}\n')
   print(f'wrote {out}')
   return out

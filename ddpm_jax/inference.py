@@ -54,6 +54,11 @@ def resolve_method(config, schedule, method: Optional[str], num_steps: Optional[
   method = method or config.sampling.method
   if method == 'ddpm':
     return method, None, sampling.check_method(method, schedule, num_steps)
+  if method == 'adaptive':
+    if num_steps is not None:
+      raise InputError(f'the adaptive solve chooses its own steps; drop num_steps={num_steps} '
+                       f'(set rtol and atol instead)')
+    return method, None, sampling.check_method(method, schedule, None)
   num_steps = config.sampling.num_steps if num_steps is None else num_steps
   return method, num_steps, sampling.check_method(method, schedule, num_steps)
 
@@ -72,6 +77,19 @@ def resolve_spacing(config, method: str, spacing: Optional[str], rho: Optional[f
   if configured in sampling.METHOD_SPACINGS[method]:
     return sampling.check_spacing(method, configured, rho), rho
   return sampling.METHOD_SPACINGS[method][0], rho
+
+
+def resolve_tolerances(config, method: str, rtol: Optional[float], atol: Optional[float]):
+  """(rtol, atol) of the adaptive solve (unset: sampling.rtol / atol), checked; (None, None)
+  for the other methods, where setting either is one line."""
+  if method != 'adaptive':
+    if rtol is not None or atol is not None:
+      raise InputError(f'rtol and atol are the adaptive solve\'s; {method} takes none')
+    return None, None
+  tolerances = sampling.adaptive_tolerances(
+      config.sampling.get('rtol', None) if rtol is None else rtol,
+      config.sampling.get('atol', None) if atol is None else atol)
+  return tolerances['rtol'], tolerances['atol']
 
 
 def churn_from_config(config) -> sampling.Churn:
@@ -185,20 +203,29 @@ def make_sample_fn(model, config, data_stats: Optional[dict] = None):
       x_T = jax.lax.with_sharding_constraint(x_T, sharding.batch_sharding(sharding.make_mesh()))
     return x_T
 
-  @functools.partial(jax.jit, static_argnames=static + ('return_trajectory',))
+  @functools.partial(jax.jit, static_argnames=static + ('return_trajectory', 'rtol', 'atol'))
   def jitted(params, key, num_samples, *, method, num_steps, eta, labels, guidance_scale,
-             spacing, rho, condition, return_trajectory):
+             spacing, rho, condition, return_trajectory, rtol, atol):
+    """(samples, or (samples, trajectory); the network calls they took)."""
     model_fn, sample_key, shape, options = setup(params, key, num_samples, labels, method,
                                                  num_steps, eta, guidance_scale, spacing, rho,
                                                  condition)
+    if method == 'adaptive':
+      x_T = sampling.check_adaptive(schedule, sample_key, shape, initial_noise(key, shape), None,
+                                    spacing, return_trajectory, options.get('replace'), None)
+      x, calls = sampling.adaptive_sample(model_fn, schedule, x_T,
+                                          prediction=options['prediction'],
+                                          clip_x0=options['clip_x0'], rtol=rtol, atol=atol)
+      return finish(x, condition), calls
+    calls = sampling.network_calls(schedule, method, num_steps, spacing, rho)
     result = sampling.sample(model_fn, schedule, sample_key, shape,
                              x_T=initial_noise(key, shape), return_trajectory=return_trajectory,
                              **options)
     if return_trajectory:
       x, (x_t, x0) = result
-      return (finish(x, condition),
-              (to_data_space(x_t, config, data_stats), to_data_space(x0, config, data_stats)))
-    return finish(result, condition)
+      return (finish(x, condition), (to_data_space(x_t, config, data_stats),
+                                     to_data_space(x0, config, data_stats))), calls
+    return finish(result, condition), calls
 
   @functools.partial(jax.jit, static_argnames=static)
   def start_piece(params, key, num_samples, *, method, num_steps, eta, labels, guidance_scale,
@@ -228,23 +255,33 @@ def make_sample_fn(model, config, data_stats: Optional[dict] = None):
                 num_steps: Optional[int] = None, eta: Optional[float] = None, labels=None,
                 guidance_scale: Optional[float] = None, spacing: Optional[str] = None,
                 rho: Optional[float] = None, return_trajectory: bool = False,
-                progress=None, observed=None, mask=None):
+                progress=None, observed=None, mask=None, rtol: Optional[float] = None,
+                atol: Optional[float] = None, return_nfe: bool = False):
     method, num_steps, total = resolve_method(config, schedule, method, num_steps)
     spacing, rho = resolve_spacing(config, method, spacing, rho)
+    rtol, atol = resolve_tolerances(config, method, rtol, atol)
     # Checked here, where labels are still concrete, unless the caller's own jit traces them.
     check_labels(model, labels, num_samples)
     condition = check_condition(observed, mask, (num_samples,) + tuple(example_shape))
     options = dict(method=method, num_steps=num_steps, eta=eta, labels=labels,
                    guidance_scale=guidance_scale, spacing=spacing, rho=rho, condition=condition)
-    if progress is None or return_trajectory:
-      return jitted(params, key, num_samples, return_trajectory=return_trajectory, **options)
+    if progress is None or return_trajectory or method == 'adaptive':
+      out, calls = jitted(params, key, num_samples, return_trajectory=return_trajectory,
+                          rtol=rtol, atol=atol, **options)
+      if progress is not None:  # the adaptive solve is one piece
+        jax.block_until_ready(out)
+        progress(total)
+      return (out, calls) if return_nfe else out
     carry = start_piece(params, key, num_samples, **options)
     length = progress_chunk(total)
     for start in range(0, total, length):
       carry = steps_piece(params, key, carry, start, num_samples, length=length, **options)
       jax.block_until_ready(carry)
       progress(start + length)
-    return finish_piece(params, key, carry, num_samples, **options)
+    out = finish_piece(params, key, carry, num_samples, **options)
+    if return_nfe:
+      return out, sampling.network_calls(schedule, method, num_steps, spacing, rho)
+    return out
 
   return sample_fn
 
@@ -259,10 +296,12 @@ def load_sampler(path, step: Optional[int] = None, student_steps: Optional[int] 
   return make_sample_fn(run.model, run.config, run.data_stats), run.params
 
 
-def sample_in_batches(sample_fn, params, key, num_samples: int, batch_size: int, **kwargs):
+def sample_in_batches(sample_fn, params, key, num_samples: int, batch_size: int, calls=None,
+                      **kwargs):
   """Draws num_samples in batches of at most batch_size (numpy [num_samples, ...]); batch i
   uses fold_in(key, i), so a run is reproducible for a fixed batch size. ``labels``,
-  ``observed`` and ``mask`` are split with the samples."""
+  ``observed`` and ``mask`` are split with the samples. ``calls``, a list, gets each batch's
+  network calls (sample_fn's return_nfe)."""
   outputs = []
   for i, start in enumerate(range(0, num_samples, batch_size)):
     n = min(batch_size, num_samples - start)
@@ -272,6 +311,10 @@ def sample_in_batches(sample_fn, params, key, num_samples: int, batch_size: int,
         # Sliced before it becomes a device array: converting all of it for every batch cost
         # as much as the sampling itself for 285,700 forecasts.
         call_kwargs[name] = jnp.asarray(kwargs[name][start:start + n])
-    outputs.append(sharding.to_host(sample_fn(params, jax.random.fold_in(key, i), n,
-                                                **call_kwargs)))
+    out = sample_fn(params, jax.random.fold_in(key, i), n, return_nfe=calls is not None,
+                    **call_kwargs)
+    if calls is not None:
+      out, nfe = out
+      calls.append(int(nfe))
+    outputs.append(sharding.to_host(out))
   return np.concatenate(outputs)

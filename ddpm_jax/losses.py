@@ -15,7 +15,7 @@ from ddpm_jax import diffusion
 from ddpm_jax import schedules as schedules_lib
 from ddpm_jax.errors import InputError
 
-TARGETS = ('eps', 'x0', 'v')
+TARGETS = ('eps', 'x0', 'v', 'velocity')
 WEIGHTINGS = ('simple', 'snr', 'min_snr')
 TIMESTEP_SAMPLINGS = ('uniform', 'importance')
 
@@ -80,6 +80,22 @@ def sample_timesteps(key, schedule, batch_size: int,
   return t, 1.0 / (num_timesteps * probs[t])
 
 
+def check_target(schedule, target: str, weighting: str) -> None:
+  """One line for a target the schedule or the weighting cannot serve."""
+  if target not in TARGETS:
+    raise InputError(f'unknown target {target!r}; choose one of {", ".join(TARGETS)}')
+  if target == 'velocity':
+    if not schedules_lib.is_continuous(schedule):
+      raise InputError("diffusion.target='velocity' (d x_t / dt) needs a continuous schedule "
+                       "(rectified_flow, vp_linear, vp_cosine)")
+    if weighting != 'simple':
+      raise InputError(f"diffusion.target='velocity' trains with weighting='simple' (flow "
+                       f"matching's plain MSE), not {weighting!r}")
+  if target == 'v' and weighting != 'simple' and not schedules_lib.is_variance_preserving(schedule):
+    raise InputError(f"weighting={weighting!r} carries x0-space weights to v with 1 + SNR, which "
+                     f"holds on variance-preserving schedules only; use weighting='simple'")
+
+
 def loss_weight(log_snr, target: str, weighting: str, min_snr_gamma: float = 5.0):
   """Per-example weight on the squared error of ``target``, from log-SNR [B].
 
@@ -101,6 +117,46 @@ def loss_weight(log_snr, target: str, weighting: str, min_snr_gamma: float = 5.0
   return x0_weight / to_target
 
 
+class TrainingDraw(NamedTuple):
+  """What one training step draws per example, apart from the network's own dropout."""
+  t: jax.Array  # [B] timesteps
+  importance: jax.Array  # [B] weights that keep an importance-sampled loss unbiased
+  noise: jax.Array  # [B, ...] like x0
+
+
+def draw_training_noise(key, schedule, x0, loss_history: Optional[LossHistory] = None):
+  """t, importance weights and noise for a batch x0 [B, ...], and the network's dropout key.
+
+  Drawn for the whole global batch at once, so a step that computes its gradient in
+  micro-batches (optim.grad_accum_steps) trains on exactly the examples, t and noise of the
+  unsplit step. Returns (TrainingDraw, model_key).
+  """
+  t_key, noise_key, model_key = jax.random.split(key, 3)
+  t, importance = sample_timesteps(t_key, schedule, x0.shape[0], loss_history)
+  noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
+  return TrainingDraw(t, importance, noise), model_key
+
+
+def denoising_loss(apply_fn: ApplyFn, params, x0, draw: TrainingDraw, model_key, schedule, *,
+                   target: str = 'eps', weighting: str = 'simple', min_snr_gamma: float = 5.0,
+                   loss_mask=None):
+  """The mean denoising loss of x0 [B, ...] at the drawn t and noise (see diffusion_loss).
+  Returns (loss scalar, aux)."""
+  check_target(schedule, target, weighting)
+  x_t = diffusion.q_sample(schedule, x0, draw.t, draw.noise)
+  wanted = diffusion.regression_target(schedule, x0, draw.noise, draw.t, target)
+  prediction = apply_fn(params, x_t, draw.t, model_key).astype(jnp.float32)
+  axes = tuple(range(1, x0.ndim))
+  if loss_mask is None:
+    squared_error = jnp.mean((prediction - wanted) ** 2, axis=axes)
+  else:
+    squared_error = (jnp.sum(loss_mask * (prediction - wanted) ** 2, axis=axes)
+                     / jnp.maximum(jnp.sum(loss_mask, axis=axes), 1.0))
+  per_example = loss_weight(diffusion.log_snr(schedule, draw.t), target, weighting,
+                            min_snr_gamma) * squared_error
+  return jnp.mean(draw.importance * per_example), {'per_example': per_example, 't': draw.t}
+
+
 def diffusion_loss(apply_fn: ApplyFn, params, x0, key, schedule, *, target: str = 'eps',
                    weighting: str = 'simple', min_snr_gamma: float = 5.0,
                    loss_history: Optional[LossHistory] = None, loss_mask=None):
@@ -111,23 +167,6 @@ def diffusion_loss(apply_fn: ApplyFn, params, x0, key, schedule, *, target: str 
   regresses ``target``. Returns (loss scalar, aux) where aux holds ``per_example`` [B] losses
   (before importance weights) and ``t`` [B].
   """
-  if target not in TARGETS:
-    raise InputError(f'unknown target {target!r}; choose one of {", ".join(TARGETS)}')
-  t_key, noise_key, model_key = jax.random.split(key, 3)
-  batch_size = x0.shape[0]
-  t, importance = sample_timesteps(t_key, schedule, batch_size, loss_history)
-  noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
-  x_t = diffusion.q_sample(schedule, x0, t, noise)
-  alpha, sigma = diffusion.alpha_sigma(schedule, t)
-  wanted = diffusion.join_prediction(x0, noise, diffusion.per_example(alpha, x0),
-                                     diffusion.per_example(sigma, x0), target)
-  prediction = apply_fn(params, x_t, t, model_key).astype(jnp.float32)
-  axes = tuple(range(1, x0.ndim))
-  if loss_mask is None:
-    squared_error = jnp.mean((prediction - wanted) ** 2, axis=axes)
-  else:
-    squared_error = (jnp.sum(loss_mask * (prediction - wanted) ** 2, axis=axes)
-                     / jnp.maximum(jnp.sum(loss_mask, axis=axes), 1.0))
-  per_example = loss_weight(diffusion.log_snr(schedule, t), target, weighting,
-                            min_snr_gamma) * squared_error
-  return jnp.mean(importance * per_example), {'per_example': per_example, 't': t}
+  draw, model_key = draw_training_noise(key, schedule, x0, loss_history)
+  return denoising_loss(apply_fn, params, x0, draw, model_key, schedule, target=target,
+                        weighting=weighting, min_snr_gamma=min_snr_gamma, loss_mask=loss_mask)

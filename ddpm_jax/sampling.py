@@ -12,9 +12,16 @@ Methods and their network calls (NFE):
   dpm_solver++3m  the third-order multistep variant, DPM-Solver++(3M); NFE = num_steps.
   heun            EDM's second-order sampler (Karras et al. 2022) on the probability-flow ODE,
                   Karras-spaced noise levels, the last step Euler; NFE = 2 num_steps - 1.
-  euler_maruyama  continuous; the reverse VP-SDE, last step without noise; NFE = num_steps.
+  euler           continuous; Euler's method on the probability-flow ODE dx/dt = alpha'(t) x0 +
+                  sigma'(t) eps (the flow's ODE on rectified_flow), to t = 0; NFE = num_steps.
+  adaptive        continuous; the same ODE solved by diffrax (Tsit5, PID step-size control at
+                  ``rtol``/``atol``), then one denoising call at t_min; NFE as it took.
+  euler_maruyama  continuous; the reverse SDE, last step without noise; NFE = num_steps.
   ode             continuous; Heun's method on the probability-flow ODE in (x, t), steps
                   uniform in t; NFE = 2 num_steps.
+
+Every method is written in alpha(t), sigma(t) (and their time derivatives) of x_t = alpha x0 +
+sigma eps, so the variance-preserving schedules and the flow path are one family.
 
 Every method that takes a step list takes ``spacing`` (METHOD_SPACINGS; 'karras' with ``rho``).
 """
@@ -25,16 +32,21 @@ from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import diffrax
 import numpy as np
 
 from ddpm_jax import diffusion
 from ddpm_jax import schedules as schedules_lib
 from ddpm_jax.errors import InputError
 
-METHODS = ('ddpm', 'ddim', 'dpm_solver++', 'dpm_solver++3m', 'heun', 'euler_maruyama', 'ode')
+METHODS = ('ddpm', 'ddim', 'dpm_solver++', 'dpm_solver++3m', 'heun', 'euler', 'adaptive',
+           'euler_maruyama', 'ode')
 MULTISTEP_ORDER = {'dpm_solver++': 2, 'dpm_solver++3m': 3}
 DISCRETE_ONLY = ('ddpm',)
-CONTINUOUS_ONLY = ('euler_maruyama', 'ode')
+# These integrate in continuous time (d alpha / dt): a discrete schedule has no such view here.
+CONTINUOUS_ONLY = ('euler', 'adaptive', 'euler_maruyama', 'ode')
+ADAPTIVE_DEFAULTS = dict(rtol=1e-3, atol=1e-3)
+ADAPTIVE_MAX_STEPS = 1000
 # How each method may space its steps, its default first: uniform / quadratic in t, uniform in
 # log-SNR, or Karras et al.'s (2022) sigma_i = (smax^1/rho + i/(N-1) (smin^1/rho - smax^1/rho))^rho
 # in the noise level sigma = sigma_t / alpha_t; or 'trailing': t_i = i/N of the way, i = N..1,
@@ -43,8 +55,9 @@ CONTINUOUS_ONLY = ('euler_maruyama', 'ode')
 METHOD_SPACINGS = {'ddpm': ('uniform',),
                    'ddim': ('uniform', 'quadratic', 'karras', 'trailing'),
                    'dpm_solver++': ('logsnr', 'karras'), 'dpm_solver++3m': ('logsnr', 'karras'),
-                   'heun': ('karras', 'logsnr', 'uniform'), 'euler_maruyama': ('uniform',),
-                   'ode': ('uniform',)}
+                   'heun': ('karras', 'logsnr', 'uniform'),
+                   'euler': ('trailing', 'karras', 'logsnr'), 'adaptive': ('uniform',),
+                   'euler_maruyama': ('uniform',), 'ode': ('uniform',)}
 SPACINGS = ('uniform', 'quadratic', 'logsnr', 'karras', 'trailing')
 DEFAULT_RHO = 7.0
 
@@ -74,13 +87,16 @@ def check_method(method: str, schedule, num_steps: Optional[int]) -> int:
     raise InputError(f'{method!r} needs a discrete schedule; with a continuous one use one of '
                      f'{", ".join(m for m in METHODS if m not in DISCRETE_ONLY)}')
   if not continuous and method in CONTINUOUS_ONLY:
-    raise InputError(f'{method!r} needs a continuous (vp_*) schedule; with a discrete one use one '
-                     f'of {", ".join(m for m in METHODS if m not in CONTINUOUS_ONLY)}')
+    raise InputError(f'{method!r} integrates in continuous time and needs a continuous schedule '
+                     f'(vp_linear, vp_cosine, rectified_flow); with a discrete one use one of '
+                     f'{", ".join(m for m in METHODS if m not in CONTINUOUS_ONLY)}')
   if method == 'ddpm':
     if num_steps not in (None, schedule.num_timesteps):
       raise InputError(f'ddpm always takes all T = {schedule.num_timesteps} steps; got '
                        f'num_steps={num_steps} (use ddim or dpm_solver++ for fewer)')
     return schedule.num_timesteps
+  if method == 'adaptive':  # the solver chooses its steps
+    return 1
   if num_steps is None:
     raise InputError(f'{method} needs num_steps')
   if int(num_steps) != num_steps or num_steps < 1:
@@ -257,9 +273,10 @@ def _ddim_plan(model_fn, schedule, key, num_steps, prediction, clip_x0, eta, spa
 
   def step(x, xs):
     x0, eps = denoise(model_fn, x, xs['t'], xs['alpha'], xs['sigma'], prediction, clip_x0)
-    # sigma_eta² = eta² (1 - abar_next)/(1 - abar) (1 - abar/abar_next)  (DDIM eq. 16)
-    ratio = (xs['alpha'] / xs['alpha_next']) ** 2
-    noise_std = eta * xs['sigma_next'] / xs['sigma'] * jnp.sqrt(jnp.maximum(1.0 - ratio, 0.0))
+    # sigma_eta² = eta² sigma_next² (1 - SNR / SNR_next): DDIM's eq. 16 on any path (on a VP
+    # one, eta² (1 - abar_next)/(1 - abar) (1 - abar/abar_next)).
+    ratio = (xs['alpha'] * xs['sigma_next'] / (xs['alpha_next'] * xs['sigma'])) ** 2
+    noise_std = eta * xs['sigma_next'] * jnp.sqrt(jnp.maximum(1.0 - ratio, 0.0))
     direction = jnp.sqrt(jnp.maximum(xs['sigma_next'] ** 2 - noise_std ** 2, 0.0))
     noise = jax.random.normal(jax.random.fold_in(key, xs['i']), x.shape, x.dtype)
     x = xs['alpha_next'] * x0 + direction * eps + noise_std * noise
@@ -323,40 +340,121 @@ def _dpm_solver_plan(model_fn, schedule, num_steps, prediction, clip_x0, order: 
               final=lambda carry: carry[0])
 
 
+def ode_velocity(model_fn, schedule, x, t, prediction: str, clip_x0: bool):
+  """The probability-flow ODE's dx/dt = alpha'(t) x0 + sigma'(t) eps at x [B, ...] and a scalar
+  t (E[d x_t / dt | x_t] on any path; on VP schedules -1/2 beta (x + score)), with the
+  denoiser's (x0, eps): one network call."""
+  alpha, sigma = diffusion.alpha_sigma(schedule, t)
+  d_alpha, d_sigma = diffusion.alpha_sigma_rates(schedule, t)
+  x0, eps = denoise(model_fn, x, t, alpha, sigma, prediction, clip_x0)
+  return d_alpha * x0 + d_sigma * eps, x0, eps
+
+
 def _sde_plan(model_fn, schedule, key, num_steps, prediction, method):
-  """euler_maruyama on the reverse VP-SDE, or ode: Heun on the probability-flow ODE in (x, t);
-  steps uniform in t."""
+  """euler_maruyama on the reverse SDE, or ode: Heun on the probability-flow ODE in (x, t);
+  steps uniform in t.
+
+  The forward SDE of x_t = alpha x0 + sigma eps has drift f x with f = alpha'/alpha and
+  diffusion g² = 2 sigma (sigma' - f sigma) (VP: f = -beta/2, g² = beta); the reverse SDE's
+  drift is the ODE's velocity less g²/2 times the score (= -eps / sigma).
+  """
   grid = np.linspace(schedule.t_max, schedule.t_min, num_steps + 1).astype(np.float32)
   t, t_next = grid[:-1], grid[1:]
 
+  def diffusion_sq(t):
+    alpha, sigma = diffusion.alpha_sigma(schedule, t)
+    d_alpha, d_sigma = diffusion.alpha_sigma_rates(schedule, t)
+    return 2.0 * sigma * (d_sigma - d_alpha / alpha * sigma), sigma
+
   def drift(x, t):
-    """dx/dt of the reverse SDE (-1/2 beta x - beta score) or the PF ODE (half the score term)."""
-    alpha, sigma = schedule.mean_coef(t), schedule.std(t)
-    _, eps = denoise(model_fn, x, t, alpha, sigma, prediction, clip_x0=False)
-    score = -eps / sigma
-    beta = schedule.beta(t)
-    score_weight = 1.0 if method == 'euler_maruyama' else 0.5
-    return -0.5 * beta * x - score_weight * beta * score, eps
+    velocity, x0, eps = ode_velocity(model_fn, schedule, x, t, prediction, clip_x0=False)
+    if method == 'euler_maruyama':
+      g_sq, sigma = diffusion_sq(t)
+      return velocity + 0.5 * g_sq * eps / sigma, x0
+    return velocity, x0
 
   def step(x, xs):
     dt = xs['t_next'] - xs['t']  # negative: time runs backwards
-    d, eps = drift(x, xs['t'])
+    d, x0 = drift(x, xs['t'])
     if method == 'euler_maruyama':
       noise = jax.random.normal(jax.random.fold_in(key, xs['i']), x.shape, x.dtype)
-      noise_std = jnp.where(xs['last'], 0.0, jnp.sqrt(schedule.beta(xs['t']) * -dt))
+      noise_std = jnp.where(xs['last'], 0.0, jnp.sqrt(diffusion_sq(xs['t'])[0] * -dt))
       x = x + d * dt + noise_std * noise
     else:  # Heun: average the slopes at both ends of the step
       x_euler = x + d * dt
       d_next, _ = drift(x_euler, xs['t_next'])
       x = x + 0.5 * (d + d_next) * dt
-    alpha, sigma = schedule.mean_coef(xs['t']), schedule.std(xs['t'])
-    return x, (x, (x - sigma * eps) / alpha)
+    return x, (x, x0)
 
   alpha_next, sigma_next = grid_alpha_sigma(schedule, t_next)  # where each step lands
   xs = dict(i=jnp.arange(num_steps), t=jnp.asarray(t), t_next=jnp.asarray(t_next),
             last=jnp.arange(num_steps) == num_steps - 1, alpha_next=jnp.asarray(alpha_next),
             sigma_next=jnp.asarray(sigma_next))
   return Plan(step, xs, num_steps * (2 if method == 'ode' else 1))
+
+
+def _euler_plan(model_fn, schedule, num_steps, prediction, clip_x0, spacing, rho):
+  """Euler's method on the probability-flow ODE (ode_velocity) from t_max to t = 0 through the
+  ``num_steps`` times of ``spacing`` ('trailing': uniform in t); the network is never called
+  at t = 0, where every path is clean data (alpha = 1, sigma = 0)."""
+  ts = timesteps(schedule, num_steps, spacing, rho)  # [N], descending, > 0
+  t_next = np.append(ts[1:], 0.0).astype(np.float32)
+  alpha_next, sigma_next = grid_alpha_sigma(schedule, t_next)
+
+  def step(x, xs):
+    velocity, x0, _ = ode_velocity(model_fn, schedule, x, xs['t'], prediction, clip_x0)
+    x = x + (xs['t_next'] - xs['t']) * velocity
+    return x, (x, x0)
+
+  xs = dict(t=jnp.asarray(ts), t_next=jnp.asarray(t_next), alpha_next=jnp.asarray(alpha_next),
+            sigma_next=jnp.asarray(sigma_next))
+  return Plan(step, xs, num_steps)
+
+
+def _max_rms_norm(y):
+  """The controller's error norm: each example's RMS, the worst example's (so one shared step
+  size meets the tolerance for every example of the batch)."""
+  return jnp.max(jnp.sqrt(jnp.mean(jnp.square(y).reshape(y.shape[0], -1), axis=1)))
+
+
+def adaptive_sample(model_fn: ModelFn, schedule, x_T, *, prediction: str = 'eps',
+                    clip_x0: bool = True, rtol: float = ADAPTIVE_DEFAULTS['rtol'],
+                    atol: float = ADAPTIVE_DEFAULTS['atol']):
+  """The probability-flow ODE (ode_velocity) from x_T [B, ...] at t_max to t_min, solved by
+  diffrax's Tsit5 with a PID step-size controller at ``rtol``/``atol`` (every example held to
+  them: _max_rms_norm), then x0 predicted at t_min (score_sde's final denoising step).
+
+  Jit-able; one solve for the whole batch. Returns (x0 [B, ...], network calls it took: int32
+  scalar).
+  """
+  check_tolerances(rtol, atol)
+  model_fn, prediction = as_v_prediction(model_fn, schedule, prediction)
+
+  def vector_field(t, x, args):
+    return ode_velocity(model_fn, schedule, x, t, prediction, clip_x0)[0]
+
+  solution = diffrax.diffeqsolve(
+      diffrax.ODETerm(vector_field), diffrax.Tsit5(), t0=schedule.t_max, t1=schedule.t_min,
+      dt0=None, y0=x_T, saveat=diffrax.SaveAt(t1=True),
+      stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol, norm=_max_rms_norm),
+      max_steps=ADAPTIVE_MAX_STEPS)
+  x = solution.ys[0]
+  alpha, sigma = diffusion.alpha_sigma(schedule, jnp.float32(schedule.t_min))
+  x0, _ = denoise(model_fn, x, jnp.float32(schedule.t_min), alpha, sigma, prediction, clip_x0)
+  return x0, adaptive_calls(solution.stats) + 1
+
+
+def adaptive_calls(stats) -> jax.Array:
+  """Network calls of a Tsit5 solve from its step counts: 6 per step tried (7 stages, the
+  first shared with the previous step's last) and 1 more, at the start, that also chooses the
+  first step size (counted against the calls themselves in tests/test_flow.py)."""
+  return 6 * stats['num_steps'] + 1
+
+
+def check_tolerances(rtol, atol) -> None:
+  if not (rtol > 0 and atol > 0):
+    raise InputError(f'the adaptive solve needs rtol > 0 and atol > 0, got rtol={rtol}, '
+                     f'atol={atol}')
 
 
 class Churn(NamedTuple):
@@ -452,6 +550,16 @@ def _replacing(plan: Plan, replace, key) -> Plan:
   return plan._replace(step=step, xs=xs)
 
 
+def as_v_prediction(model_fn: ModelFn, schedule, prediction: str):
+  """(model_fn, prediction) for the samplers: a velocity network is read as a v network (v =
+  alpha eps - sigma x0 splits into x0 and eps dividing by alpha² + sigma² >= 1/2 on every path,
+  where the velocity's eps would divide by alpha near the noise end). Others pass through."""
+  if prediction != 'velocity':
+    return model_fn, prediction
+  return (lambda x, t: diffusion.convert_prediction(schedule, x, t, model_fn(x, t),
+                                                    source='velocity', target='v')), 'v'
+
+
 def make_plan(model_fn: ModelFn, schedule, key, *, method: str, num_steps: Optional[int] = None,
               eta: float = 0.0, prediction: str = 'eps', clip_x0: bool = True,
               variance: str = 'small', spacing: Optional[str] = None, rho: float = DEFAULT_RHO,
@@ -467,8 +575,12 @@ def make_plan(model_fn: ModelFn, schedule, key, *, method: str, num_steps: Optio
                      prediction=prediction, clip_x0=clip_x0, variance=variance, spacing=spacing,
                      rho=rho, churn=churn)
     return _replacing(plan, replace, jax.random.fold_in(key, 0x5EED))
-  diffusion.check_prediction(prediction, ('eps', 'x0', 'v'))
+  diffusion.check_prediction(prediction, ('eps', 'x0', 'v', 'velocity'))
   num_steps = check_method(method, schedule, num_steps)
+  if method == 'adaptive':
+    raise InputError('the adaptive solve chooses its own steps: call sampling.sample or '
+                     'adaptive_sample, not make_plan (nor with observed values to condition on)')
+  model_fn, prediction = as_v_prediction(model_fn, schedule, prediction)
   spacing = check_spacing(method, spacing, rho)
   if not 0.0 <= eta <= 1.0:
     raise InputError(f'eta must lie in [0, 1], got {eta}')
@@ -486,6 +598,8 @@ def make_plan(model_fn: ModelFn, schedule, key, *, method: str, num_steps: Optio
   if method == 'heun':
     return _heun_plan(model_fn, schedule, key, num_steps, prediction, clip_x0, spacing, rho,
                       churn)
+  if method == 'euler':
+    return _euler_plan(model_fn, schedule, num_steps, prediction, clip_x0, spacing, rho)
   return _sde_plan(model_fn, schedule, key, num_steps, prediction, method)
 
 
@@ -496,6 +610,13 @@ def _plan(model_fn, schedule, key, method, num_steps, eta, prediction, clip_x0, 
   return make_plan(model_fn, schedule, step_key, method=method, num_steps=num_steps, eta=eta,
                    prediction=prediction, clip_x0=clip_x0, variance=variance, spacing=spacing,
                    rho=rho, churn=churn, replace=replace)
+
+
+def network_calls(schedule, method: str, num_steps: Optional[int], spacing: Optional[str] = None,
+                  rho: float = DEFAULT_RHO) -> int:
+  """The network calls (NFE) of a fixed-step method: its plan's count."""
+  return make_plan(lambda x, t: x, schedule, jax.random.key(0), method=method,
+                   num_steps=num_steps, spacing=spacing, rho=rho).nfe
 
 
 def num_plan_steps(plan: Plan) -> int:
@@ -561,7 +682,7 @@ def sample(model_fn: ModelFn, schedule, key, shape, *, method: str,
            clip_x0: bool = True, x_T=None, variance: str = 'small',
            spacing: Optional[str] = None, rho: float = DEFAULT_RHO, churn: Churn = Churn(),
            return_trajectory: bool = False, progress: Optional[Callable[[int], None]] = None,
-           replace=None):
+           replace=None, rtol: Optional[float] = None, atol: Optional[float] = None):
   """Runs the reverse process from x_T ~ N(0, I) of ``shape`` and returns x_0 in model space.
 
   ``x_T`` fixes the starting noise. ``return_trajectory`` also returns (x_t, predicted x0), each
@@ -569,8 +690,16 @@ def sample(model_fn: ModelFn, schedule, key, shape, *, method: str,
   (a host callback: for progress bars; a computation with one is never kept in JAX's persistent
   compilation cache). Jit-able; ``key`` draws x_T and all step noise. ``replace=(observed,
   mask)`` conditions on observed entries by replacement (see ``make_plan``). ``spacing`` (None:
-  the method's default), ``rho`` and ``churn``: see METHOD_SPACINGS and make_plan.
+  the method's default), ``rho`` and ``churn``: see METHOD_SPACINGS and make_plan. ``rtol`` and
+  ``atol`` (None: ADAPTIVE_DEFAULTS) are the adaptive solve's (adaptive_sample).
   """
+  if method == 'adaptive':
+    x_T = check_adaptive(schedule, key, shape, x_T, num_steps, spacing, return_trajectory,
+                         replace, progress)
+    return adaptive_sample(model_fn, schedule, x_T, prediction=prediction, clip_x0=clip_x0,
+                           **adaptive_tolerances(rtol, atol))[0]
+  if rtol is not None or atol is not None:
+    raise InputError(f'rtol and atol are the adaptive solve\'s; {method} takes none')
   plan = _plan(model_fn, schedule, key, method, num_steps, eta, prediction, clip_x0, variance,
                spacing, rho, churn, replace)  # one plan for all the steps
   result = _steps(plan, _start(plan, key, shape, x_T), 0, num_plan_steps(plan),
@@ -578,3 +707,30 @@ def sample(model_fn: ModelFn, schedule, key, shape, *, method: str,
   carry, trajectory = result if return_trajectory else (result, None)
   x = plan.final(carry)
   return (x, trajectory) if return_trajectory else x
+
+
+def adaptive_tolerances(rtol: Optional[float], atol: Optional[float]) -> dict:
+  """{'rtol', 'atol'}: the given ones, ADAPTIVE_DEFAULTS for None; checked."""
+  tolerances = dict(rtol=ADAPTIVE_DEFAULTS['rtol'] if rtol is None else rtol,
+                    atol=ADAPTIVE_DEFAULTS['atol'] if atol is None else atol)
+  check_tolerances(**tolerances)
+  return tolerances
+
+
+def check_adaptive(schedule, key, shape, x_T, num_steps, spacing, return_trajectory, replace,
+                   progress):
+  """x_T for the adaptive solve (drawn from the key's first half, as for the other methods),
+  after one-line errors for what it does not take."""
+  check_method('adaptive', schedule, None)
+  check_spacing('adaptive', spacing)
+  if num_steps is not None:
+    raise InputError(f'the adaptive solve chooses its own steps; drop num_steps={num_steps} '
+                     f'(set rtol and atol instead)')
+  if return_trajectory or replace is not None or progress is not None:
+    raise InputError('the adaptive solve returns the final samples only: no trajectory, '
+                     'progress or conditioning by replacement; use euler or heun for those')
+  if x_T is None:
+    return jax.random.normal(jax.random.split(key)[0], shape, jnp.float32)
+  if tuple(x_T.shape) != tuple(shape):
+    raise InputError(f'x_T has shape {tuple(x_T.shape)} but shape is {tuple(shape)}')
+  return x_T

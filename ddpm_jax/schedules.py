@@ -1,4 +1,4 @@
-"""Noise schedules: discrete DDPM tables and continuous-time VP-SDE schedules.
+"""Noise schedules: discrete DDPM tables, continuous-time VP-SDE schedules and the flow path.
 
 Pure numpy / JAX: no Flax, no config objects.
 
@@ -20,7 +20,8 @@ from ddpm_jax.errors import InputError
 
 __all__ = [
     'DiscreteSchedule', 'VPLinear', 'VPCosine', 'Schedule', 'linear', 'cosine', 'from_betas',
-    'vp_linear', 'vp_cosine', 'get_schedule', 'SCHEDULE_NAMES',
+    'vp_linear', 'vp_cosine', 'RectifiedFlow', 'rectified_flow', 'get_schedule',
+    'SCHEDULE_NAMES', 'is_continuous', 'is_variance_preserving',
 ]
 
 
@@ -164,8 +165,32 @@ class VPCosine(_VPSchedule):
     return 2.0 * (jnp.log(jnp.cos(self._angle(t))) - math.log(math.cos(self._angle(0.0))))
 
 
-ContinuousSchedule = Union[VPLinear, VPCosine]
-Schedule = Union[DiscreteSchedule, VPLinear, VPCosine]
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class RectifiedFlow:
+  """The straight path of flow matching / rectified flow (Lipman et al. 2023, Liu et al. 2023):
+  x_t = (1 - t) x0 + t eps, so alpha(t) = 1 - t and sigma(t) = t, and d x_t / dt = eps - x0.
+
+  Not variance preserving (alpha² + sigma² < 1 inside (0, 1)); the samplers and the loss use
+  alpha(t), sigma(t) and their derivatives only, so it is one more member of the family. log-SNR
+  is infinite at both ends: training draws t in [t_min, 1] and samplers run from t_max to t_min
+  (or to 0, for methods that never call the network there).
+  """
+  t_min: float = 1e-3
+  t_max: float = 0.999
+
+  def mean_coef(self, t):
+    return 1.0 - t
+
+  def std(self, t):
+    return jnp.asarray(t) * 1.0
+
+  def log_snr(self, t):
+    return 2.0 * (jnp.log1p(-t) - jnp.log(t))
+
+
+ContinuousSchedule = Union[VPLinear, VPCosine, RectifiedFlow]
+Schedule = Union[DiscreteSchedule, VPLinear, VPCosine, RectifiedFlow]
 
 
 def vp_linear(beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3) -> VPLinear:
@@ -181,16 +206,29 @@ def vp_cosine(s: float = 0.008, t_min: float = 1e-3, t_max: float = 0.999) -> VP
   return VPCosine(s=s, t_min=t_min, t_max=t_max)
 
 
-SCHEDULE_NAMES = ('linear', 'cosine', 'vp_linear', 'vp_cosine')
+def rectified_flow(t_min: float = 1e-3, t_max: float = 0.999) -> RectifiedFlow:
+  if not 0 < t_min < t_max < 1:
+    raise InputError(f'rectified_flow needs 0 < t_min < t_max < 1, got t_min={t_min}, '
+                     f't_max={t_max}')
+  return RectifiedFlow(t_min=t_min, t_max=t_max)
+
+
+SCHEDULE_NAMES = ('linear', 'cosine', 'vp_linear', 'vp_cosine', 'rectified_flow')
 
 
 def get_schedule(name: str, **kwargs) -> Schedule:
   """Looks a schedule up by name: one of SCHEDULE_NAMES, with that function's keyword arguments."""
-  builders = dict(linear=linear, cosine=cosine, vp_linear=vp_linear, vp_cosine=vp_cosine)
+  builders = dict(linear=linear, cosine=cosine, vp_linear=vp_linear, vp_cosine=vp_cosine,
+                  rectified_flow=rectified_flow)
   if name not in builders:
     raise InputError(f'unknown schedule {name!r}; choose one of {", ".join(SCHEDULE_NAMES)}')
   return builders[name](**kwargs)
 
 
 def is_continuous(schedule: Schedule) -> bool:
-  return isinstance(schedule, (VPLinear, VPCosine))
+  return isinstance(schedule, (VPLinear, VPCosine, RectifiedFlow))
+
+
+def is_variance_preserving(schedule: Schedule) -> bool:
+  """alpha(t)² + sigma(t)² = 1 at every t (all but the flow path)."""
+  return not isinstance(schedule, RectifiedFlow)

@@ -126,7 +126,7 @@ def drop_labels(key, labels, rate: float, num_classes: int):
 def train_step(state: TrainState, batch: dict, *, model, tx, schedule, target: str,
                weighting: str, min_snr_gamma: float, ema_decay: float, random_flip: bool,
                label_dropout: float, mask_mix=None, mask_horizon: int = 0, base_weights=None,
-               center_observed: bool = False):
+               center_observed: bool = False, grad_accum_steps: int = 1):
   """One update from a global batch {'x': [B, ...], 'label': [B]}; returns (state, metrics).
 
   An optional ``batch['stop']`` (int32 [B]) comes back as ``metrics['stop']``, its maximum: how
@@ -138,6 +138,9 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, target: s
   covers the hidden entries (CSDI's recipe). ``base_weights`` (model.forecast_base) and
   ``center_observed`` shift each window first (masking.window_shift).
 
+  ``grad_accum_steps`` = K > 1 computes the gradient in K micro-batches of B / K examples
+  (accumulated_value_and_grad): the same examples, t and noise, one optimiser and EMA update.
+
   A non-finite loss or gradient leaves params, optimiser state and EMA unchanged and is counted.
   """
   step_key = jax.random.fold_in(state.key, state.step)
@@ -148,26 +151,78 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, target: s
   labels = drop_labels(label_key, batch['label'], label_dropout, model.num_classes) \
       if model.num_classes else None
 
-  loss_mask, network_input = None, lambda x_t: x_t
+  mask = None
   if mask_mix is not None:
     mask = masking.training_masks(mask_key, x0.shape, mask_mix, mask_horizon)
     x0 = x0 - masking.window_shift(x0, mask, base_weights, center_observed)
-    loss_mask = masking.loss_mask(mask)
-    network_input = lambda x_t: masking.condition_input(x_t, x0, mask)
+  # Everything random is drawn for the global batch before any split into micro-batches.
+  draw, model_key = losses.draw_training_noise(loss_key, schedule, x0, state.loss_history)
+  examples = {'x0': x0, 'draw': draw, 'labels': labels, 'mask': mask}  # each [B, ...] or None
 
-  def loss_fn(params):
-    apply_fn = lambda p, x_t, t, key: model_apply(model, p, network_input(x_t), t, labels, True,
-                                                  key)
-    return losses.diffusion_loss(apply_fn, params, x0, loss_key, schedule, target=target,
-                                 weighting=weighting, min_snr_gamma=min_snr_gamma,
-                                 loss_history=state.loss_history, loss_mask=loss_mask)
+  def loss_fn(params, ex):
+    observed = ex['mask'] is not None  # CSDI: the network sees the observed values and the mask
+    network_input = (lambda x_t: masking.condition_input(x_t, ex['x0'], ex['mask'])) \
+        if observed else (lambda x_t: x_t)
+    apply_fn = lambda p, x_t, t, key: model_apply(model, p, network_input(x_t), t, ex['labels'],
+                                                  True, key)
+    return losses.denoising_loss(apply_fn, params, ex['x0'], ex['draw'], model_key, schedule,
+                                 target=target, weighting=weighting, min_snr_gamma=min_snr_gamma,
+                                 loss_mask=masking.loss_mask(ex['mask']) if observed else None)
 
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, aux), grads = accumulated_value_and_grad(loss_fn, state.params, examples,
+                                                  grad_accum_steps)
   loss_history = state.loss_history
   if loss_history is not None:
     loss_history = losses.update_loss_history(loss_history, aux['t'], aux['per_example'])
   return apply_gradients(state, batch, loss, grads, tx=tx, ema_decay=ema_decay,
                          loss_history=loss_history)
+
+
+def split_micro_batches(a, num_micro: int):
+  """[B, ...] -> [K, B / K, ...]: micro-batch m holds rows m, m + K, m + 2K, ... Each device's
+  contiguous block of the data-sharded batch gives every micro-batch an equal share of its
+  rows, so the split moves no data between devices."""
+  return a.reshape((a.shape[0] // num_micro, num_micro) + a.shape[1:]).swapaxes(0, 1)
+
+
+def join_micro_batches(a):
+  """The inverse of split_micro_batches: [K, B / K, ...] -> [B, ...] in the original order."""
+  a = a.swapaxes(0, 1)
+  return a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
+
+
+def accumulated_value_and_grad(loss_fn, params, examples, num_micro: int):
+  """((loss, aux), grads) of ``loss_fn(params, examples)``, a mean over the examples' leading
+  axis [B], computed as the mean over ``num_micro`` micro-batches (a scan: the activations of
+  one micro-batch are alive at a time). aux holds per-example arrays [B], in the batch's order.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if num_micro == 1:
+    return grad_fn(params, examples)
+
+  def body(total, micro):
+    (loss, aux), grads = grad_fn(params, micro)
+    return jax.tree.map(lambda acc, v: acc + v / num_micro, total, (loss, grads)), aux
+
+  zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+  micro_batches = jax.tree.map(lambda a: split_micro_batches(a, num_micro), examples)
+  (loss, grads), aux = jax.lax.scan(body, zeros, micro_batches)
+  return (loss, jax.tree.map(join_micro_batches, aux)), grads
+
+
+def check_grad_accum(grad_accum_steps, global_batch_size: int, num_devices: int) -> int:
+  """optim.grad_accum_steps as an int, or a one-line error when it cannot split each device's
+  share of the batch into equal micro-batches."""
+  k = grad_accum_steps
+  if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+    raise InputError(f'optim.grad_accum_steps must be a positive integer, got {k!r}')
+  per_device = global_batch_size // num_devices
+  if per_device % k:
+    fits = [d for d in range(1, per_device + 1) if per_device % d == 0]
+    raise InputError(f'optim.grad_accum_steps={k} does not divide the {per_device} examples '
+                     f'each of {num_devices} device(s) gets of training.batch_size='
+                     f'{global_batch_size}; choose one of {", ".join(map(str, fits))}')
+  return k
 
 
 def apply_gradients(state: TrainState, batch: dict, loss, grads, *, tx, ema_decay: float,
@@ -211,7 +266,8 @@ def make_train_step(config, model, tx, schedule, state_sharding, batch_sharding,
       mask_mix=(tuple(config.training.mask_mix) if config_lib.observed_input(config) else None),
       mask_horizon=config.data.get('horizon', 0),
       base_weights=config_lib.base_weights(config, data_stats),
-      center_observed=config_lib.center_observed(config))
+      center_observed=config_lib.center_observed(config),
+      grad_accum_steps=config.optim.get('grad_accum_steps', 1))
   return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                  out_shardings=(state_sharding, metrics_sharding), donate_argnums=0)
 

@@ -102,6 +102,8 @@ def train(config, workdir) -> train_state.TrainState:
   sharding.initialize_distributed()
   mesh = sharding.make_mesh()
   sharding.check_global_batch(config.training.batch_size, mesh)
+  train_state.check_grad_accum(config.optim.get('grad_accum_steps', 1),
+                               config.training.batch_size, mesh.devices.size)
 
   # Everything that can be wrong with the input is found before anything compiles.
   source = input_pipeline.create_source(config.data, seed=config.training.seed)

@@ -67,10 +67,16 @@ def write_config(workdir: pathlib.Path, config) -> None:
   path = workdir / CONFIG
   if path.exists() and (workdir / CHECKPOINTS).is_dir() and \
       any(p.name.isdigit() for p in (workdir / CHECKPOINTS).iterdir()):
-    diffs = config_lib.checkpoint_differences(read_config(workdir), config)
+    saved = read_config(workdir)
+    diffs = config_lib.checkpoint_differences(saved, config)
     if diffs:
       raise InputError(f'{workdir} holds checkpoints of another config ({"; ".join(diffs)}); '
                        f'use a new --workdir or the original settings')
+    accum = [c.get('optim', {}).get('grad_accum_steps', 1) for c in (saved, config)]
+    if accum[0] != accum[1] and sharding.is_main_process():
+      print(f'resuming with optim.grad_accum_steps={accum[1]} (the checkpoints were written '
+            f'with {accum[0]}): the same updates, in {accum[1]} micro-batch(es) per step',
+            flush=True)
   sharding.barrier('config_checked')  # nobody reads config.json while process 0 writes it
   if sharding.is_main_process():
     path.write_text(config_lib.to_json(config))

@@ -29,3 +29,19 @@ def gaussian_mixture_eps(schedule, weights, means, stds):
 
 def gaussian_eps(schedule, mean, std):
   return gaussian_mixture_eps(schedule, [1.0], [mean], [std])
+
+
+def correlated_gaussian_eps(schedule, mean, cov):
+  """eps*(x_t, t) for x0 ~ N(mean, cov) in D dimensions (x_t [B, D]): with x_t = a x0 + s eps,
+  E[eps | x_t] = s (a² cov + s² I)^-1 (x_t - a mean). Its Jacobian is not diagonal, so
+  Hutchinson's probes do not recover its divergence exactly."""
+  mean, cov = jnp.asarray(mean, jnp.float32), jnp.asarray(cov, jnp.float32)
+
+  def model_fn(x_t, t):
+    alpha, sigma = diffusion.alpha_sigma(schedule, t)
+    alpha, sigma = alpha[:, None, None], sigma[:, None, None]  # [B, 1, 1]
+    precision = jnp.linalg.inv(alpha ** 2 * cov + sigma ** 2 * jnp.eye(cov.shape[0]))
+    diff = x_t - alpha[:, 0] * mean
+    return sigma[:, 0] * jnp.einsum('bij,bj->bi', precision, diff)
+
+  return model_fn

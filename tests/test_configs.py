@@ -16,7 +16,8 @@ SHAPES = {'digits': ((8, 8, 1), 10), 'cifar10': ((32, 32, 3), 10), 'mnist': ((28
 
 
 def test_the_list_is_every_config():
-  assert CONFIGS == ['cifar10', 'default', 'digits', 'digits_cond', 'distill', 'ett', 'mnist',
+  assert CONFIGS == ['cifar10', 'default', 'digits', 'digits_cond', 'digits_flow', 'distill', 'ett',
+                     'mnist',
                      'power', 'power_small']
 
 

@@ -152,7 +152,7 @@ def test_sample_script_heun_on_karras_spacing(digits_run, tmp_path):
   result = run_script('sample.py', f'--ckpt={digits_run}', '--num_samples=3', '--method=heun',
                       '--num_steps=3', '--spacing=karras', '--rho=5', f'--out={out}')
   assert result.returncode == 0, result.stderr[-3000:]
-  assert (out / 'timing.txt').read_text().startswith('heun 3 steps (karras spacing) 3 samples')
+  assert (out / 'timing.txt').read_text().startswith('heun (3 steps, karras spacing) 3 samples')
   with np.load(out / 'samples.npz') as f:
     assert f['arr_0'].shape == (3, 8, 8, 1)
 
@@ -202,14 +202,16 @@ def test_a_class_conditional_grid_has_one_row_per_class(monkeypatch, tmp_path):
 def test_sample_flags_become_one_request_whose_unset_values_are_none():
   """sample.py's 'unset' flag values ('' / 0 / -1) are the run's own settings: None, once."""
   defaults = dict(ckpt='runs/x', out='', num_samples=64, method='', num_steps=0, spacing='',
-                  rho=0.0, eta=-1.0, guidance_scale=-1.0, seed=0, batch_size=0, png_dir='',
+                  rho=0.0, rtol=None, atol=None, eta=-1.0, guidance_scale=-1.0, seed=0,
+                  batch_size=0, png_dir='',
                   trajectory=False, labels='', eval=False, fid_stats='', inception_weights='',
                   allow_unknown_weights=False, task='generate', horizon=0, series='',
                   num_windows=100, eval_part='test', missing=0.3, block=0, season=24,
                   overwrite=False)
   request = generate.SampleRequest.from_flags(types.SimpleNamespace(**defaults))
   assert (request.method, request.num_steps, request.spacing, request.rho, request.eta,
-          request.guidance_scale, request.batch_size, request.horizon) == (None,) * 8
+          request.guidance_scale, request.batch_size, request.horizon, request.rtol,
+          request.atol) == (None,) * 10
   given = generate.SampleRequest.from_flags(types.SimpleNamespace(**{
       **defaults, 'method': 'ddim', 'num_steps': 8, 'eta': 0.0, 'guidance_scale': 0.0}))
   assert (given.method, given.num_steps, given.eta, given.guidance_scale) == ('ddim', 8, 0.0, 0.0)

@@ -13,8 +13,11 @@ from ddpm_jax import cli, generate
 flags.DEFINE_string('ckpt', None, 'A training workdir, its checkpoints/ or one checkpoints/<step>.')
 flags.DEFINE_string('out', '', 'Output folder (default: <workdir>/generated/<method>).')
 flags.DEFINE_integer('num_samples', 64, 'How many samples.')
-flags.DEFINE_string('method', '', 'ddpm | ddim | dpm_solver++ | dpm_solver++3m | heun | '
-                    'euler_maruyama | ode (default: the config\'s sampling.method).')
+flags.DEFINE_string('method', '', 'ddpm | ddim | dpm_solver++ | dpm_solver++3m | heun | euler | '
+                    'adaptive | euler_maruyama | ode (default: the config\'s sampling.method).')
+flags.DEFINE_float('rtol', None, 'adaptive: relative tolerance of the ODE solve (default: the '
+                   'config\'s sampling.rtol).')
+flags.DEFINE_float('atol', None, 'adaptive: absolute tolerance (default: sampling.atol).')
 flags.DEFINE_string('spacing', '', 'Step spacing: uniform | quadratic | logsnr | karras | '
                     'trailing, as the method takes them (default: the config\'s, else the '
                     'method\'s own).')
