@@ -113,6 +113,7 @@ def test_grad_accum_steps_that_cannot_split_the_batch_is_one_line(k, message):
     train_state.check_grad_accum(k, 64, 1)
 
 
+@pytest.mark.slow  # a train.py subprocess; check_grad_accum's one line is tested above
 def test_train_py_refuses_a_bad_grad_accum_steps_before_compiling(tmp_path):
   result = run_script('train.py', '--config=configs/digits.py', f'--workdir={tmp_path}',
                       '--config.optim.grad_accum_steps=5')

@@ -70,6 +70,7 @@ def test_a_uniform_density_on_the_dequantised_cube_is_8_bits_per_dimension():
   assert np.all(np.floor((x[:, 0] + 1) * 128) == np.arange(256))  # each level in its own bin
 
 
+@pytest.mark.slow  # trains two tiny runs (about 3 minutes here): with the long runs
 def test_ode_bits_per_dim_of_a_flow_run_and_the_one_line_refusals(tmp_path):
   config = tiny_config(name='digits')
   config.diffusion.schedule, config.diffusion.target = 'rectified_flow', 'velocity'
