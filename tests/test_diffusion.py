@@ -78,7 +78,7 @@ def test_bad_timesteps_and_names():
     ddpm_jax.q_sample(sched, x, jnp.array([0.5, 0.2]), x)
   with pytest.raises(ValueError, match=r'\[0, 1\]'):
     ddpm_jax.q_sample(schedules.vp_linear(), x, jnp.array([0.5, 1.5]), x)
-  with pytest.raises(ValueError, match="unknown prediction target 'noise'.*eps, x0, v, score"):
+  with pytest.raises(ValueError, match="unknown prediction target 'noise'.*eps, x0, v, velocity, score"):
     diffusion.convert_prediction(sched, x, jnp.array([1, 2]), x, source='noise', target='eps')
   with pytest.raises(ValueError, match='discrete'):
     ddpm_jax.q_posterior(schedules.vp_linear(), x, x, jnp.array([0.1, 0.2]))

@@ -225,7 +225,7 @@ def test_the_docs_commands_on_two_devices_give_the_students_and_sample_py_picks_
     assert result.returncode == 0, result.stderr[-2000:]
     out = pathlib.Path(dict(arg[2:].split('=', 1) for arg in command[2:])['out'])
     assert np.load(out / 'samples.npz')['arr_0'].shape == (4, 8, 8, 1)
-    assert f'students/{steps}_steps (checkpoint 4) with ddim ({steps} steps)' in result.stdout
+    assert f'students/{steps}_steps (checkpoint 4) with ddim ({steps} steps, trailing spacing)' in result.stdout
   result = run_script('sample.py', f'--ckpt={workdir}', '--num_steps=3', f'--out={tmp_path}/x')
   assert result.returncode == 1
   assert error_lines(result)[-1].endswith('has students for 2, 4 steps; --num_steps=3 is '
