@@ -54,11 +54,8 @@ def resolve_method(config, schedule, method: Optional[str], num_steps: Optional[
   method = method or config.sampling.method
   if method == 'ddpm':
     return method, None, sampling.check_method(method, schedule, num_steps)
-  if method == 'adaptive':
-    if num_steps is not None:
-      raise InputError(f'the adaptive solve chooses its own steps; drop num_steps={num_steps} '
-                       f'(set rtol and atol instead)')
-    return method, None, sampling.check_method(method, schedule, None)
+  if method == 'adaptive':  # no num_steps from the config: the solver chooses
+    return method, None, sampling.check_method(method, schedule, num_steps)
   num_steps = config.sampling.num_steps if num_steps is None else num_steps
   return method, num_steps, sampling.check_method(method, schedule, num_steps)
 

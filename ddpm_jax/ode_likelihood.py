@@ -79,9 +79,7 @@ def ode_log_likelihood(model_fn, schedule, x, key, *, prediction: str = 'eps',
   ``num_probes`` Rademacher probes from ``key``, each fixed over the solve, give one estimate
   each; ``exact`` computes the divergence exactly instead. Jit-able.
   """
-  if not (rtol > 0 and atol > 0):
-    raise InputError(f'the likelihood solve needs rtol > 0 and atol > 0, got rtol={rtol}, '
-                     f'atol={atol}')
+  sampling.check_tolerances(rtol, atol, 'the likelihood solve')
   if not exact and num_probes < 1:
     raise InputError(f'num_probes must be >= 1, got {num_probes}')
   sampling.check_method('adaptive', schedule, None)  # continuous schedules only, one line

@@ -96,6 +96,9 @@ def check_method(method: str, schedule, num_steps: Optional[int]) -> int:
                        f'num_steps={num_steps} (use ddim or dpm_solver++ for fewer)')
     return schedule.num_timesteps
   if method == 'adaptive':  # the solver chooses its steps
+    if num_steps is not None:
+      raise InputError(f'the adaptive solve chooses its own steps; drop num_steps={num_steps} '
+                       f'(set rtol and atol instead)')
     return 1
   if num_steps is None:
     raise InputError(f'{method} needs num_steps')
@@ -451,10 +454,10 @@ def adaptive_calls(stats) -> jax.Array:
   return 6 * stats['num_steps'] + 1
 
 
-def check_tolerances(rtol, atol) -> None:
+def check_tolerances(rtol, atol, solve: str = 'the adaptive solve') -> None:
+  """One line unless both tolerances of an ODE solve (``solve`` names it) are positive."""
   if not (rtol > 0 and atol > 0):
-    raise InputError(f'the adaptive solve needs rtol > 0 and atol > 0, got rtol={rtol}, '
-                     f'atol={atol}')
+    raise InputError(f'{solve} needs rtol > 0 and atol > 0, got rtol={rtol}, atol={atol}')
 
 
 class Churn(NamedTuple):
@@ -721,11 +724,8 @@ def check_adaptive(schedule, key, shape, x_T, num_steps, spacing, return_traject
                    progress):
   """x_T for the adaptive solve (drawn from the key's first half, as for the other methods),
   after one-line errors for what it does not take."""
-  check_method('adaptive', schedule, None)
+  check_method('adaptive', schedule, num_steps)
   check_spacing('adaptive', spacing)
-  if num_steps is not None:
-    raise InputError(f'the adaptive solve chooses its own steps; drop num_steps={num_steps} '
-                     f'(set rtol and atol instead)')
   if return_trajectory or replace is not None or progress is not None:
     raise InputError('the adaptive solve returns the final samples only: no trajectory, '
                      'progress or conditioning by replacement; use euler or heun for those')
