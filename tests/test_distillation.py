@@ -167,6 +167,7 @@ def _leaves_close(a, b, rtol=1e-6):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=rtol * 1e-2)
 
 
+@pytest.mark.slow  # 140 s on the 2-core CI machine: in the slow pass
 def test_stages_are_runs_and_a_resumed_distillation_equals_an_uninterrupted_one(
     teacher, straight, tmp_path):
   assert sorted(straight) == [2, 4]
@@ -202,6 +203,7 @@ def test_stages_are_runs_and_a_resumed_distillation_equals_an_uninterrupted_one(
     distiller.distill(_distill_config(steps_per_stage=6), str(teacher), str(resumed))
 
 
+@pytest.mark.slow  # 110 s on the 2-core CI machine: in the slow pass
 def test_the_docs_commands_on_two_devices_give_the_students_and_sample_py_picks_one(
     teacher, straight, tmp_path):
   text = (REPO_ROOT / 'docs' / 'distillation.md').read_text()

@@ -109,6 +109,7 @@ def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
   assert _final_state(tmp_path / 'two')[0] == 6
 
 
+@pytest.mark.slow  # 75 s on the 2-core CI machine: in the slow pass
 def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path):
   workdir = tmp_path / 'run'
   processes = _start_processes(2, [f'--workdir={workdir}', '--config.training.num_steps=100000',
@@ -174,6 +175,7 @@ def test_launch_settings():
   assert sharding.launch_settings(dict(DDPM_JAX_DISTRIBUTED='1'))['address'] is None
 
 
+@pytest.mark.slow  # 100 s on the 2-core CI machine: in the slow pass
 def test_train_on_four_devices_resume_on_two_sample_on_one(tmp_path):
   straight, moved = tmp_path / 'straight', tmp_path / 'moved'
   _run([f'--workdir={straight}', '--config.training.num_steps=6'], devices=4)

@@ -137,6 +137,7 @@ def test_quickstart_and_sampling_commands(tmp_path):
   np.testing.assert_array_equal(np.load(out / 'samples.npz')['arr_0'], images)
 
 
+@pytest.mark.slow  # 40 s on the 2-core CI machine: in the slow pass
 def test_training_on_a_folder_of_images(tmp_path):
   box = sandbox(tmp_path / 'box')
   from sklearn.datasets import load_digits
@@ -153,6 +154,7 @@ def test_training_on_a_folder_of_images(tmp_path):
   assert (box / 'runs' / 'mine' / 'checkpoints' / '4').is_dir()
 
 
+@pytest.mark.slow  # 55 s on the 2-core CI machine: in the slow pass
 def test_python_train_and_sample_snippet(tmp_path, monkeypatch):
   """README's second Python block, with its 200 steps cut to 4 and a test-sized network."""
   snippet = python_block('README.md', '# A short digits run')

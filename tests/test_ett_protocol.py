@@ -179,6 +179,7 @@ def protocol_run(tmp_path_factory, ett_csv):
   return workdir
 
 
+@pytest.mark.slow  # 20 s on the 2-core CI machine: in the slow pass
 def test_backtest_scores_test_windows_on_the_z_scale(protocol_run, ett_csv, tmp_path):
   out = tmp_path / 'forecast'
   run = run_script('sample.py', f'--ckpt={protocol_run}', '--task=forecast', '--eval',

@@ -89,6 +89,7 @@ def test_eval_every_needs_digits():
     config_lib.resolve(config, (32, 32, 3), 10)
 
 
+@pytest.mark.slow  # 40 s on the 2-core CI machine: in the slow pass
 def test_sample_eval_writes_digits_scores_and_fid(conditional_digits_run, tmp_path, monkeypatch):
   out = tmp_path / 'without_weights'
   monkeypatch.setenv(inception.WEIGHTS_ENV, str(tmp_path / 'absent.pt'))
@@ -128,6 +129,7 @@ def test_bits_per_dim_of_a_run(conditional_digits_run):
     assert 0 < r['bpd'] < 100
 
 
+@pytest.mark.slow  # 60 s on the 2-core CI machine: in the slow pass
 def test_bits_per_dim_refuses_a_continuous_time_run(tmp_path):
   config = tiny_config(name='digits')
   config.diffusion.schedule = 'vp_cosine'
@@ -140,6 +142,7 @@ def test_bits_per_dim_refuses_a_continuous_time_run(tmp_path):
   assert 'continuous-time vp_cosine schedule; the discrete bound needs' in line
 
 
+@pytest.mark.slow  # 35 s on the 2-core CI machine: in the slow pass
 def test_sample_eval_without_weights_stops_before_sampling(tmp_path):
   path = tmp_path / 'images.npz'
   rng = np.random.default_rng(0)

@@ -237,6 +237,7 @@ def _fid(*args, env_weights=None, cwd=None):
                         capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
 
+@pytest.mark.slow  # 50 s on the 2-core CI machine: in the slow pass
 def test_fid_command_images_stats_and_bad_input(tmp_path, inception_params):
   reference = np.load(REFERENCE / 'reference.npz')
   images = reference['small']  # 8 RGB 32x32

@@ -64,7 +64,10 @@ def _assert_same(a, b):
   assert moved > 0
 
 
-@pytest.mark.parametrize('observed', [False, True], ids=['images', 'masked_series'])
+# The image case is the slow pass's (60 s on the 2-core CI machine); the masked series case,
+# which also splits the observation mask, stays in the default suite.
+@pytest.mark.parametrize('observed', [pytest.param(False, id='images', marks=pytest.mark.slow),
+                                      pytest.param(True, id='masked_series')])
 def test_four_micro_batches_of_16_train_like_one_batch_of_64(observed):
   whole, split = train_steps(1, observed=observed), train_steps(4, observed=observed)
   _assert_same(split, whole)
@@ -82,6 +85,7 @@ np.savez({out!r}, *train_steps(4))
 '''
 
 
+@pytest.mark.slow  # 55 s on the 2-core CI machine: in the slow pass
 def test_accumulation_on_two_devices_equals_one_device_unsplit(tmp_path):
   out = tmp_path / 'two.npz'
   env = dict(os.environ, JAX_PLATFORMS='cpu',
@@ -123,6 +127,7 @@ def test_train_py_refuses_a_bad_grad_accum_steps_before_compiling(tmp_path):
       'device(s) gets of training.batch_size=64; choose one of 1, 2, 4, 8, 16, 32, 64']
 
 
+@pytest.mark.slow  # 25 s on the 2-core CI machine: in the slow pass
 def test_resume_with_another_grad_accum_steps_continues_and_says_so(tmp_path, capsys):
   config = tiny_config(name='digits')
   config.training.num_steps = 2

@@ -23,6 +23,7 @@ def _conditional_setup():
   return config, model, randomized(params, jax.random.key(1))
 
 
+@pytest.mark.slow  # 50 s on the 2-core CI machine: in the slow pass
 def test_sample_fn_composes_with_jit_and_vmap():
   config, model, params = _conditional_setup()
   sample_fn = inference.make_sample_fn(model, config)
@@ -111,6 +112,7 @@ def test_sample_script_bad_input(digits_run, tmp_path):
         (args, result.stderr[-2000:])
 
 
+@pytest.mark.slow  # 30 s on the 2-core CI machine: in the slow pass
 def test_progress_pieces_give_the_same_samples_as_one_scan(digits_run):
   assert [inference.progress_chunk(n) for n in (1000, 50, 20, 7, 1)] == [100, 5, 2, 1, 1]
   sample_fn, params = inference.load_sampler(digits_run)
@@ -125,6 +127,7 @@ def test_progress_pieces_give_the_same_samples_as_one_scan(digits_run):
     assert done == list(range(length, total + 1, length)), (method, done)
 
 
+@pytest.mark.slow  # 40 s on the 2-core CI machine: in the slow pass
 def test_compilation_cache_keeps_the_sampler_and_has_an_off_switch(digits_run, tmp_path):
   cache = tmp_path / 'cache'
   args = [f'--ckpt={digits_run}', '--num_samples=4', '--method=ddim', '--num_steps=10']

@@ -100,6 +100,7 @@ def test_bound_with_the_exact_denoiser_is_above_the_true_nll_and_close_to_it():
   assert gaps['large'] + 0.3 < gaps['small'] < 1.0, gaps
 
 
+@pytest.mark.slow  # 25 s on the 2-core CI machine: in the slow pass
 def test_bpd_command_writes_the_bound_it_prints(tmp_path):
   """python -m ddpm_jax.bpd on a tiny digits run: bpd.json holds, for both variances, a bound
   that is the sum of its terms (prior + decoder + KL) and equals the library call's."""

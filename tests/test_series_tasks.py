@@ -257,6 +257,7 @@ def shared_data_module():
   return SHARED_DATA
 
 
+@pytest.mark.slow  # 10 s on the 2-core CI machine: in the slow pass
 def test_forecast_backtest_command(masked_run, tmp_path):
   out = tmp_path / 'forecast'
   run = run_script('sample.py', f'--ckpt={masked_run}', '--task=forecast', '--horizon=4',

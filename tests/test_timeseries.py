@@ -126,6 +126,7 @@ def test_etth1_from_shared_data(shared_data):
   assert source.info().shape == (64, 7)
 
 
+@pytest.mark.slow  # 55 s on the 2-core CI machine: in the slow pass
 def test_series_run_end_to_end_in_original_units(tmp_path):
   import json
 

@@ -164,6 +164,7 @@ def test_training_on_fixed_digits_lowers_the_loss():
   assert last < 0.8 * first, (first, last)
 
 
+@pytest.mark.slow  # 30 s on the 2-core CI machine: in the slow pass
 def test_importance_sampling_history_is_saved_and_restored(tmp_path):
   path = tmp_path / 'd.npz'
   np.savez(path, images=np.random.default_rng(0).integers(0, 255, (16, 8, 8, 1), dtype=np.uint8))

@@ -20,6 +20,7 @@ def _params_close(a, b, rtol):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=rtol * 1e-2)
 
 
+@pytest.mark.slow  # 50 s on the 2-core CI machine: in the slow pass
 def test_end_to_end_tfds_mock_then_restore(tmp_path):
   import tensorflow_datasets as tfds
   config = tiny_config(name='cifar10', random_flip=True)
@@ -163,6 +164,7 @@ def _run_on_devices(devices, tmp_path):
     return [f[k] for k in sorted(f, key=lambda k: int(k.split('_')[1]))]
 
 
+@pytest.mark.slow  # 70 s on the 2-core CI machine: in the slow pass
 def test_one_and_four_devices_give_the_same_parameters(tmp_path):
   one, four = _run_on_devices(1, tmp_path), _run_on_devices(4, tmp_path)
   for a, b in zip(one, four):
@@ -228,6 +230,7 @@ def test_failed_checkpoint_write_is_one_clear_error(tmp_path, monkeypatch):
   checkpointer.restore(1, jax.eval_shape(lambda: state), jax.sharding.SingleDeviceSharding(jax.devices()[0]))
 
 
+@pytest.mark.slow  # 35 s on the 2-core CI machine: in the slow pass
 def test_sigterm_saves_then_exits(tmp_path):
   import signal
   args = ['train.py', '--config=configs/digits.py', f'--workdir={tmp_path}',

@@ -488,6 +488,7 @@ def two_checkpoint_run(tmp_path_factory):
   return config, workdir / 'run'
 
 
+@pytest.mark.slow  # 25 s on the 2-core CI machine: in the slow pass
 def test_every_step_has_digests_and_sample_out_keeps_other_files(two_checkpoint_run, tmp_path):
   _, run = two_checkpoint_run
   for step in ('2', '4'):
