@@ -12,8 +12,9 @@ scores them with the digits classifier (digits FD, lower is better, and mean con
 ddpm_jax.digits_quality) and, for the cells named in --fid_cells (route:calls, FID is slow on
 a CPU: about 80 s per 500 images), FID against all 1,797 digits. --distilled adds each
 finished student of a distillation run (distill.py), sampled with its own steps. --routes and
---calls choose a subset; on continuous and flow runs the routes euler (Euler on the ODE) and
-adaptive (diffrax's Tsit5 at sampling.rtol/atol: one cell, the calls it took) are there too.
+--calls choose a subset; on continuous and flow runs the routes euler (Euler on the ODE, on
+its trailing, Karras and log-SNR spacings) and adaptive (diffrax's Tsit5 at sampling.rtol/atol,
+or at each of --tolerances: one cell each, the calls it took) are there too.
 Writes benchmarks/results/<--results>.md and .png (FD against calls, log x).
 """
 
@@ -44,6 +45,8 @@ flags.DEFINE_string('distilled', '', 'A distillation workdir (distill.py) of --c
 flags.DEFINE_string('routes', '', 'Comma-separated route names to run (default: all that the '
                     'run takes).')
 flags.DEFINE_string('calls', '', 'Comma-separated call budgets (default: 1,2,4,8,10,20,50).')
+flags.DEFINE_string('tolerances', '', 'Comma-separated rtol = atol values of the adaptive '
+                    'route, one cell each (default: the run\'s sampling.rtol and atol).')
 flags.DEFINE_string('results', 'quality_per_call', 'Results file name, without .md / .png.')
 flags.mark_flags_as_required(['ckpt'])
 
@@ -53,7 +56,8 @@ CALLS = (1, 2, 4, 8, 10, 20, 50)
 ROUTES = (('ddim', 'ddim', None), ('dpm_solver++', 'dpm_solver++', None),
           ('dpm_solver++3m', 'dpm_solver++3m', None),
           ('dpm_solver++/karras', 'dpm_solver++', 'karras'), ('heun', 'heun', 'karras'))
-CONTINUOUS_ROUTES = (('euler', 'euler', None), ('adaptive', 'adaptive', None))
+CONTINUOUS_ROUTES = (('euler', 'euler', None), ('euler/karras', 'euler', 'karras'),
+                     ('euler/logsnr', 'euler', 'logsnr'), ('adaptive', 'adaptive', None))
 
 
 def steps_for(method: str, calls: int) -> int:
@@ -80,9 +84,11 @@ def main(argv):
   classifier = digits_quality.load_classifier()
   rows = []
   cells = []  # (route, steps), each once, in order
+  tolerances = [float(t) for t in f.tolerances.split(',')] if f.tolerances else [None]
   for route in routes:
-    if route[1] == 'adaptive':  # the solver picks its steps: one cell
-      cells.append((route, None))
+    if route[1] == 'adaptive':  # the solver picks its steps: one cell per tolerance
+      cells += [((route[0] if tol is None else f'adaptive/{tol:g}', *route[1:]), tol)
+                for tol in tolerances]
       continue
     steps = {steps_for(route[1], calls) for calls in budgets} | (
         {6} if route[0] == 'heun' and not f.calls else set())
@@ -93,9 +99,13 @@ def main(argv):
     route_fn, route_params = (inference.load_sampler(students[steps]) if name == 'distilled'
                               else (sample_fn, params))
     calls = []
+    # An adaptive cell's "steps" is its tolerance (None: the run's own).
+    solver = (dict(rtol=steps, atol=steps) if method == 'adaptive' else
+              dict(num_steps=steps, spacing=spacing))
     samples = inference.sample_in_batches(route_fn, route_params, jax.random.key(f.seed),
                                           f.num_samples, f.num_samples, calls=calls,
-                                          method=method, num_steps=steps, spacing=spacing)
+                                          method=method, **solver)
+    steps = None if method == 'adaptive' else steps
     uint8 = np.round(samples * 255).astype(np.uint8)
     scores = digits_quality.quality(uint8, classifier=classifier)
     nfe = calls[0]
@@ -113,6 +123,7 @@ def main(argv):
                                                      if f.fid_cells else '')
            + (f' --routes={f.routes}' if f.routes else '')
            + (f' --calls={f.calls}' if f.calls else '')
+           + (f' --tolerances={f.tolerances}' if f.tolerances else '')
            + (f' --results={f.results}' if f.results != 'quality_per_call' else '')
            + (f' --distilled={f.distilled}' if f.distilled else '') + '`, run at '
            f'checkpoint {run.step}, {f.num_samples} samples per cell, seed {f.seed}. '

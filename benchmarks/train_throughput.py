@@ -2,6 +2,10 @@
 
   python benchmarks/train_throughput.py --config=configs/cifar10.py --steps=20
   python benchmarks/train_throughput.py --config=configs/digits.py --steps=200
+  # peak memory of one step as 1, 2 or 4 micro-batches (gradient accumulation); --steps=0
+  # compiles and runs one step only, enough for XLA's memory analysis:
+  for k in 1 2 4; do python benchmarks/train_throughput.py --config=configs/cifar10.py --steps=0 \
+    --config.optim.grad_accum_steps=$k; done
 
 Several processes: start one per process with the launch variables train.py takes, e.g. on one
 machine with two processes of one CPU device each:
@@ -27,7 +31,8 @@ from ml_collections import config_flags
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
-flags.DEFINE_integer('steps', 20, 'Timed steps after the first (compiling) one.')
+flags.DEFINE_integer('steps', 20, 'Timed steps after the first (compiling) one; 0 for the '
+                     'compile, the first step and the memory analysis only.')
 flags.DEFINE_string('results', str(pathlib.Path(__file__).parent / 'results' /
                                    'train_throughput.md'), 'Markdown file to append to.')
 flags.mark_flags_as_required(['config'])
@@ -85,21 +90,24 @@ def main(argv):
       print(f'  {i + 1}/{flags.FLAGS.steps} steps, {rate:.3f} steps/s', flush=True)
   jax.block_until_ready(state)
   elapsed = time.time() - start
-  steps_per_s = flags.FLAGS.steps / elapsed
+  steps_per_s = flags.FLAGS.steps / elapsed if flags.FLAGS.steps else float('nan')
   device = jax.devices()[0]
   device_name = f'{jax.process_count()} process(es) x {jax.local_device_count()} ' \
       f'{device.device_kind}' + \
       (f' ({platform.processor() or platform.machine()}, {__import__("os").cpu_count()} cores)'
        if device.platform == 'cpu' else '')
+  accum = config.optim.get('grad_accum_steps', 1)
   row = (f'| {config_name} | {num_params / 1e6:.2f}M | '
-         f'{config.training.batch_size} | {device_name} | {compile_s:.1f} | {flags.FLAGS.steps} | '
+         f'{config.training.batch_size} | {accum} | {device_name} | {compile_s:.1f} | '
+         f'{flags.FLAGS.steps} | '
          f'{steps_per_s:.3f} | {steps_per_s * config.training.batch_size:.1f} | '
          f'{train_flops / 1e9:.1f} | {train_flops * steps_per_s / 1e9:.1f} | '
          f'{train_peak / 2 ** 20:.0f} | {call_flops / 1e9:.2f} | {call_peak / 2 ** 20:.0f} |')
-  header = ('| config | params | batch | device | compile + first step (s) | timed steps | '
-            'steps/s | images/s | GFLOP / train step | achieved GFLOP/s | peak MiB / train step '
-            '| GFLOP / sampler step (one network call) | peak MiB / sampler step |\n'
-            '|---|---|---|---|---|---|---|---|---|---|---|---|---|')
+  header = ('| config | params | batch | grad accum K | device | compile + first step (s) | '
+            'timed steps | steps/s | images/s | GFLOP / train step | achieved GFLOP/s | '
+            'peak MiB / train step | GFLOP / sampler step (one network call) | '
+            'peak MiB / sampler step |\n'
+            '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|')
   if not sharding.is_main_process():
     return
   print(header)
