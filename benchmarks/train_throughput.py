@@ -2,8 +2,8 @@
 
   python benchmarks/train_throughput.py --config=configs/cifar10.py --steps=20
   python benchmarks/train_throughput.py --config=configs/digits.py --steps=200
-  # peak memory of one step as 1, 2 or 4 micro-batches (gradient accumulation); --steps=0
-  # compiles and runs one step only, enough for XLA's memory analysis:
+  # the memory of one step as 1, 2 or 4 micro-batches (gradient accumulation); --steps=0
+  # only compiles, which is all XLA's memory analysis needs:
   for k in 1 2 4; do python benchmarks/train_throughput.py --config=configs/cifar10.py --steps=0 \
     --config.optim.grad_accum_steps=$k; done
 
@@ -16,8 +16,9 @@ Uses data.name=synthetic (uint8 noise of the config's image shape), the real jit
 with its sharding over every local device, and prints a Markdown table row that is also
 appended to benchmarks/results/train_throughput.md, with XLA's cost and memory analysis of a
 train step and of one network call (what a sampler step costs) at the same batch: FLOPs, the
-FLOP rate achieved, and peak memory. (The fraction of peak needs the device's peak FLOP rate:
-not measured here, where no accelerator was available.)
+FLOP rate achieved, and the memory of the buffers XLA assigns (arguments, outputs and
+temporaries: the step's peak memory, up to the runtime's own overhead). (The fraction of peak
+FLOP rate needs the device's peak: not measured here, where no accelerator was available.)
 """
 
 import pathlib
@@ -31,11 +32,21 @@ from ml_collections import config_flags
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
-flags.DEFINE_integer('steps', 20, 'Timed steps after the first (compiling) one; 0 for the '
-                     'compile, the first step and the memory analysis only.')
+flags.DEFINE_integer('steps', 20, 'Timed steps after the first (compiling) one; 0 compiles '
+                     'the step and reports XLA\'s analysis without running it.')
 flags.DEFINE_string('results', str(pathlib.Path(__file__).parent / 'results' /
                                    'train_throughput.md'), 'Markdown file to append to.')
 flags.mark_flags_as_required(['config'])
+
+
+def buffer_bytes(compiled) -> int:
+  """The bytes of every buffer XLA assigned to ``compiled``: its arguments, outputs and
+  temporaries (activations kept for the backward pass among them), less what outputs share with
+  arguments. XLA:CPU's own peak_memory_in_bytes leaves the temporaries out (measured: it equals
+  arguments + outputs), which hides what gradient accumulation saves."""
+  stats = compiled.memory_analysis()
+  return (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+          - stats.alias_size_in_bytes)
 
 
 def main(argv):
@@ -69,18 +80,21 @@ def main(argv):
   batches = [sharding.to_global(next(iterator), sharding.batch_sharding(mesh)) for _ in range(4)]
   start = time.time()
   step_fn = step_fn.lower(state, batches[0]).compile()  # timed below: the same executable
-  state, metrics = step_fn(state, batches[0])
-  jax.block_until_ready(metrics)
+  if flags.FLAGS.steps:
+    state, metrics = step_fn(state, batches[0])
+    jax.block_until_ready(metrics)
   compile_s = time.time() - start
   # XLA's own accounting of one train step and of one network call (a sampler step's cost).
-  train_flops = step_fn.cost_analysis()['flops']
-  train_peak = step_fn.memory_analysis().peak_memory_in_bytes
+  # XLA counts a loop's body once: with K micro-batches the scan's body is 1/K of the step (the
+  # optimiser's update, outside it, is a fraction of a percent and counted K times here).
+  train_flops = step_fn.cost_analysis()['flops'] * config.optim.get('grad_accum_steps', 1)
+  train_peak = buffer_bytes(step_fn)
   x = jax.numpy.zeros((config.training.batch_size,) + config_lib.data_shape(config))
   t = jax.numpy.zeros((config.training.batch_size,), jax.numpy.int32)
   forward = jax.jit(lambda p, x, t: model_apply(model, p, x, t)).lower(state.ema_params, x,
                                                                        t).compile()
   call_flops = forward.cost_analysis()['flops']
-  call_peak = forward.memory_analysis().peak_memory_in_bytes
+  call_peak = buffer_bytes(forward)
   start = time.time()
   for i in range(flags.FLAGS.steps):
     state, metrics = step_fn(state, batches[i % 4])
@@ -105,8 +119,8 @@ def main(argv):
          f'{train_peak / 2 ** 20:.0f} | {call_flops / 1e9:.2f} | {call_peak / 2 ** 20:.0f} |')
   header = ('| config | params | batch | grad accum K | device | compile + first step (s) | '
             'timed steps | steps/s | images/s | GFLOP / train step | achieved GFLOP/s | '
-            'peak MiB / train step | GFLOP / sampler step (one network call) | '
-            'peak MiB / sampler step |\n'
+            'XLA buffers MiB / train step | GFLOP / sampler step (one network call) | '
+            'XLA buffers MiB / sampler step |\n'
             '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|')
   if not sharding.is_main_process():
     return
