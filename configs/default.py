@@ -12,6 +12,8 @@ import ml_collections
 
 # Options of other released networks (diffusers' names), at the DDPM paper's values.
 from ddpm_jax.config_lib import MODEL_FIELD_DEFAULTS, MODEL_INPUT_DEFAULTS
+# The adaptive solve's tolerances, where the library's calls take them from too.
+from ddpm_jax.sampling import ADAPTIVE_DEFAULTS
 
 
 def model_small():
@@ -149,8 +151,9 @@ def get_config():
       # the method's own default (the first named).
       spacing='',
       rho=7.0,  # karras spacing (Karras et al. 2022)
-      rtol=1e-3,  # adaptive only (it takes no num_steps): the diffrax solve's relative tolerance
-      atol=1e-3,  # adaptive only: its absolute tolerance
+      # adaptive only (it takes no num_steps): the diffrax solve's relative tolerance
+      rtol=ADAPTIVE_DEFAULTS['rtol'],
+      atol=ADAPTIVE_DEFAULTS['atol'],  # adaptive only: its absolute tolerance
       # heun only: EDM's stochastic churn (0: the deterministic sampler).
       s_churn=0.0,  # how much noise is added per step
       s_tmin=0.0,  # churn only between these noise levels
