@@ -98,7 +98,9 @@ def get_config():
       target='eps',  # eps | x0 | v | velocity (d x_t / dt; continuous schedules, weighting simple)
       weighting='simple',  # simple | snr | min_snr
       min_snr_gamma=5.0,  # min_snr: the weight is min(SNR, gamma) (Hang et al. 2023)
-      timestep_sampling='uniform',  # uniform | importance
+      # uniform | importance (discrete: Nichol & Dhariwal's loss-aware t) | logit_normal
+      # (continuous: sigmoid of a standard normal, Esser et al. 2024)
+      timestep_sampling='uniform',
   ))
 
   config.optim = ml_collections.ConfigDict(dict(

@@ -17,7 +17,7 @@ from ddpm_jax.errors import InputError
 
 TARGETS = ('eps', 'x0', 'v', 'velocity')
 WEIGHTINGS = ('simple', 'snr', 'min_snr')
-TIMESTEP_SAMPLINGS = ('uniform', 'importance')
+TIMESTEP_SAMPLINGS = ('uniform', 'importance', 'logit_normal')
 
 # apply_fn(params, x_t [B, ...], t [B], key) -> prediction [B, ...]
 ApplyFn = Callable[[object, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -59,18 +59,28 @@ def importance_probabilities(history: LossHistory, warmup: int = 10, uniform_pro
 
 
 def sample_timesteps(key, schedule, batch_size: int,
-                     loss_history: Optional[LossHistory] = None):
+                     loss_history: Optional[LossHistory] = None, logit_normal: bool = False):
   """Draws t for each example and the importance weight that keeps the loss unbiased.
 
   Discrete: integers uniform over [0, T) (the paper's 1..T), or from ``loss_history``.
-  Continuous: floats uniform on [t_min, 1]. Returns (t [B], weights [B]).
+  Continuous: floats uniform on [t_min, 1], or with ``logit_normal`` t_min + (1 - t_min)
+  sigmoid(n), n ~ N(0, 1) (Esser et al. 2024: more of the training where the path is hardest
+  to predict; a reweighting of the loss over t, so its weights stay 1). Returns (t [B],
+  weights [B]).
   """
   if schedules_lib.is_continuous(schedule):
     if loss_history is not None:
       raise InputError("importance sampling of t needs a discrete schedule; use "
                        "timestep_sampling='uniform' with continuous schedules")
-    t = jax.random.uniform(key, (batch_size,), minval=schedule.t_min, maxval=1.0)
+    if logit_normal:
+      t = schedule.t_min + (1.0 - schedule.t_min) * jax.nn.sigmoid(
+          jax.random.normal(key, (batch_size,)))
+    else:
+      t = jax.random.uniform(key, (batch_size,), minval=schedule.t_min, maxval=1.0)
     return t, jnp.ones((batch_size,))
+  if logit_normal:
+    raise InputError("timestep_sampling='logit_normal' draws continuous t; use it with a "
+                     "continuous schedule (rectified_flow, vp_linear, vp_cosine)")
   num_timesteps = schedule.num_timesteps
   if loss_history is None:
     t = jax.random.randint(key, (batch_size,), 0, num_timesteps)
@@ -124,7 +134,8 @@ class TrainingDraw(NamedTuple):
   noise: jax.Array  # [B, ...] like x0
 
 
-def draw_training_noise(key, schedule, x0, loss_history: Optional[LossHistory] = None):
+def draw_training_noise(key, schedule, x0, loss_history: Optional[LossHistory] = None,
+                        logit_normal: bool = False):
   """t, importance weights and noise for a batch x0 [B, ...], and the network's dropout key.
 
   Drawn for the whole global batch at once, so a step that computes its gradient in
@@ -132,7 +143,7 @@ def draw_training_noise(key, schedule, x0, loss_history: Optional[LossHistory] =
   unsplit step. Returns (TrainingDraw, model_key).
   """
   t_key, noise_key, model_key = jax.random.split(key, 3)
-  t, importance = sample_timesteps(t_key, schedule, x0.shape[0], loss_history)
+  t, importance = sample_timesteps(t_key, schedule, x0.shape[0], loss_history, logit_normal)
   noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
   return TrainingDraw(t, importance, noise), model_key
 

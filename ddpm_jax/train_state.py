@@ -80,6 +80,10 @@ def initial_state_fn(config, model, tx, schedule, example_shape):
     if schedules_lib.is_continuous(schedule):
       raise InputError("diffusion.timestep_sampling='importance' needs a discrete schedule")
     loss_history = losses.init_loss_history(schedule.num_timesteps)
+  elif config.diffusion.timestep_sampling == 'logit_normal':
+    if not schedules_lib.is_continuous(schedule):
+      raise InputError("diffusion.timestep_sampling='logit_normal' draws continuous t; use it "
+                       "with a continuous schedule (rectified_flow, vp_linear, vp_cosine)")
   elif config.diffusion.timestep_sampling != 'uniform':
     raise InputError(f'unknown diffusion.timestep_sampling '
                      f'{config.diffusion.timestep_sampling!r}; choose one of '
@@ -126,7 +130,8 @@ def drop_labels(key, labels, rate: float, num_classes: int):
 def train_step(state: TrainState, batch: dict, *, model, tx, schedule, target: str,
                weighting: str, min_snr_gamma: float, ema_decay: float, random_flip: bool,
                label_dropout: float, mask_mix=None, mask_horizon: int = 0, base_weights=None,
-               center_observed: bool = False, grad_accum_steps: int = 1):
+               center_observed: bool = False, grad_accum_steps: int = 1,
+               logit_normal_t: bool = False):
   """One update from a global batch {'x': [B, ...], 'label': [B]}; returns (state, metrics).
 
   An optional ``batch['stop']`` (int32 [B]) comes back as ``metrics['stop']``, its maximum: how
@@ -137,6 +142,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, target: s
   network sees the observed values and the mask, and the loss
   covers the hidden entries (CSDI's recipe). ``base_weights`` (model.forecast_base) and
   ``center_observed`` shift each window first (masking.window_shift).
+
+  ``logit_normal_t`` draws continuous t logit-normally (losses.sample_timesteps).
 
   ``grad_accum_steps`` = K > 1 computes the gradient in K micro-batches of B / K examples
   (accumulated_value_and_grad): the same examples, t and noise, one optimiser and EMA update.
@@ -156,7 +163,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, target: s
     mask = masking.training_masks(mask_key, x0.shape, mask_mix, mask_horizon)
     x0 = x0 - masking.window_shift(x0, mask, base_weights, center_observed)
   # Everything random is drawn for the global batch before any split into micro-batches.
-  draw, model_key = losses.draw_training_noise(loss_key, schedule, x0, state.loss_history)
+  draw, model_key = losses.draw_training_noise(loss_key, schedule, x0, state.loss_history,
+                                               logit_normal_t)
   examples = {'x0': x0, 'draw': draw, 'labels': labels, 'mask': mask}  # each [B, ...] or None
 
   def loss_fn(params, ex):
@@ -267,7 +275,8 @@ def make_train_step(config, model, tx, schedule, state_sharding, batch_sharding,
       mask_horizon=config.data.get('horizon', 0),
       base_weights=config_lib.base_weights(config, data_stats),
       center_observed=config_lib.center_observed(config),
-      grad_accum_steps=config.optim.get('grad_accum_steps', 1))
+      grad_accum_steps=config.optim.get('grad_accum_steps', 1),
+      logit_normal_t=config.diffusion.timestep_sampling == 'logit_normal')
   return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                  out_shardings=(state_sharding, metrics_sharding), donate_argnums=0)
 

@@ -2,8 +2,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import stats
 
-from ddpm_jax import diffusion, losses, schedules
+from ddpm_jax import diffusion, losses, schedules, train_state
+from ddpm_jax.configs import digits
+from ddpm_jax.errors import InputError
 
 
 def _oracle(sched, x0, target):
@@ -137,3 +140,26 @@ def test_loss_mask_scores_hidden_entries_only():
                                         loss_mask=mask)
   np.testing.assert_allclose(np.asarray(observed_off['per_example']), 0.0, atol=1e-8)
   np.testing.assert_allclose(np.asarray(hidden_off['per_example']), 0.25, rtol=1e-4)
+
+
+def test_logit_normal_t_is_the_sigmoid_of_a_standard_normal():
+  """Esser et al. 2024's draw: logit of t rescaled from [t_min, 1] is N(0, 1) (Kolmogorov-
+  Smirnov), the weights stay 1; the uniform draw, scored the same way, is rejected."""
+  sched = schedules.rectified_flow()
+  key = jax.random.key(0)
+  t, weights = losses.sample_timesteps(key, sched, 20000, logit_normal=True)
+  unit = (np.asarray(t, np.float64) - sched.t_min) / (1 - sched.t_min)
+  assert stats.kstest(np.log(unit / (1 - unit)), 'norm').pvalue > 1e-3
+  np.testing.assert_array_equal(np.asarray(weights), 1.0)
+  t, _ = losses.sample_timesteps(key, sched, 20000)
+  unit = (np.asarray(t, np.float64) - sched.t_min) / (1 - sched.t_min)
+  assert stats.kstest(np.log(unit / (1 - unit)), 'norm').pvalue < 1e-6
+
+
+def test_logit_normal_t_on_a_discrete_schedule_is_one_line():
+  with pytest.raises(InputError, match='draws continuous t; use it with a continuous schedule'):
+    losses.sample_timesteps(jax.random.key(0), schedules.linear(), 4, logit_normal=True)
+  config = digits.get_config()
+  config.diffusion.timestep_sampling = 'logit_normal'
+  with pytest.raises(InputError, match="timestep_sampling='logit_normal' draws continuous t"):
+    train_state.initial_state_fn(config, None, None, schedules.linear(), (8, 8, 1))
