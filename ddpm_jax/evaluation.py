@@ -106,6 +106,23 @@ def _image_run(ckpt: str):
   return run
 
 
+def _padded_batches(data: np.ndarray, batch_size: int):
+  """(index, batch [batch_size, ...], n) for consecutive batches of ``data`` [N, ...]: the last
+  one padded with copies of its last row, so that one compiled shape serves every batch; the
+  first n rows are real."""
+  for index, begin in enumerate(range(0, len(data), batch_size)):
+    batch = data[begin:begin + batch_size]
+    n = len(batch)
+    if n < batch_size:
+      batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - n, axis=0)])
+    yield index, batch, n
+
+
+def _standard_error(values: np.ndarray) -> float:
+  """The standard error of the mean of ``values`` [N] (NaN for one value)."""
+  return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float('nan')
+
+
 def ode_bits_per_dim(ckpt: str, *, split: str = 'test', num_images: int = 0,
                      batch_size: int = 100, seed: int = 0, num_probes: int = 1,
                      exact: bool = False, rtol: float = 1e-5, atol: float = 1e-5) -> dict:
@@ -141,13 +158,11 @@ def ode_bits_per_dim(ckpt: str, *, split: str = 'test', num_images: int = 0,
   bar = progress.Progress(len(images), 'ODE likelihood', 'image')
   start, bits, calls = time.time(), [], []
   try:
-    for index, begin in enumerate(range(0, len(images), batch_size)):
-      batch = images[begin:begin + batch_size]
-      padded = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(batch), axis=0)])
-      bpd, nfe = score(params, padded, jax.random.fold_in(jax.random.key(seed), index))
-      bits.append(np.asarray(bpd)[:, :len(batch)])
+    for index, batch, n in _padded_batches(images, batch_size):
+      bpd, nfe = score(params, batch, jax.random.fold_in(jax.random.key(seed), index))
+      bits.append(np.asarray(bpd)[:, :n])
       calls.append(int(nfe))
-      bar.advance(len(batch))
+      bar.advance(n)
   finally:
     bar.close()
   bits = np.concatenate(bits, axis=1)  # [probes, images]
@@ -155,8 +170,7 @@ def ode_bits_per_dim(ckpt: str, *, split: str = 'test', num_images: int = 0,
   return {
       'data': description, 'checkpoint': run.step, 'schedule': config.diffusion.schedule,
       'bpd': float(per_image.mean()),
-      'bpd_standard_error': float(per_image.std(ddof=1) / np.sqrt(len(per_image)))
-      if len(per_image) > 1 else float('nan'),
+      'bpd_standard_error': _standard_error(per_image),
       'divergence': 'exact' if exact else f'hutchinson, {num_probes} rademacher probe(s)',
       # The Hutchinson noise: each image's spread over its probes, averaged over images.
       'probe_std': float(bits.std(axis=0, ddof=1).mean()) if len(bits) > 1 else 0.0,
@@ -189,21 +203,16 @@ def bits_per_dim(ckpt: str, *, split: str = 'test', num_images: int = 0, batch_s
                             f'bound ({variance} variance)', 'term')
     start, parts = time.time(), []
     try:
-      for index, begin in enumerate(range(0, len(images), batch_size)):
-        x0 = x0_all[begin:begin + batch_size]
-        if len(x0) < batch_size:  # one compiled shape: pad, then drop the padding
-          x0 = np.concatenate([x0, np.repeat(x0[-1:], batch_size - len(x0), axis=0)])
+      for index, x0, n in _padded_batches(x0_all, batch_size):
         key = jax.random.fold_in(jax.random.key(seed), index)
         bound = likelihood.bound(terms, params, schedule, x0, key, progress=bar.advance)
-        parts.append(jax.tree.map(lambda a, n=len(x0_all[begin:begin + batch_size]): a[:n],
-                                  bound))
+        parts.append(jax.tree.map(lambda a, n=n: a[:n], bound))
     finally:
       bar.close()
     total = np.concatenate([p.total for p in parts])
     result[variance] = {
         'bpd': float(total.mean()),
-        'bpd_standard_error': float(total.std(ddof=1) / np.sqrt(len(total))) if len(total) > 1
-        else float('nan'),
+        'bpd_standard_error': _standard_error(total),
         'prior': float(np.concatenate([p.prior for p in parts]).mean()),
         'decoder': float(np.concatenate([p.decoder for p in parts]).mean()),
         'kl': float(np.concatenate([p.terms[:, 1:].sum(axis=1) for p in parts]).mean()),
