@@ -1,4 +1,5 @@
-"""Long runs: python -m pytest -m slow (about 15 minutes on 2 cores)."""
+"""Long runs: python -m pytest -m slow (the whole slow pass, this file and the slow tests of the
+others: 20 minutes with -n 2 on 2 cores, 2026-12-02)."""
 
 import json
 import os
