@@ -84,10 +84,11 @@ def main(argv):
     state, metrics = step_fn(state, batches[0])
     jax.block_until_ready(metrics)
   compile_s = time.time() - start
+  accum = config.optim.get('grad_accum_steps', 1)
   # XLA's own accounting of one train step and of one network call (a sampler step's cost).
   # XLA counts a loop's body once: with K micro-batches the scan's body is 1/K of the step (the
   # optimiser's update, outside it, is a fraction of a percent and counted K times here).
-  train_flops = step_fn.cost_analysis()['flops'] * config.optim.get('grad_accum_steps', 1)
+  train_flops = step_fn.cost_analysis()['flops'] * accum
   train_peak = buffer_bytes(step_fn)
   x = jax.numpy.zeros((config.training.batch_size,) + config_lib.data_shape(config))
   t = jax.numpy.zeros((config.training.batch_size,), jax.numpy.int32)
@@ -110,7 +111,6 @@ def main(argv):
       f'{device.device_kind}' + \
       (f' ({platform.processor() or platform.machine()}, {__import__("os").cpu_count()} cores)'
        if device.platform == 'cpu' else '')
-  accum = config.optim.get('grad_accum_steps', 1)
   row = (f'| {config_name} | {num_params / 1e6:.2f}M | '
          f'{config.training.batch_size} | {accum} | {device_name} | {compile_s:.1f} | '
          f'{flags.FLAGS.steps} | '

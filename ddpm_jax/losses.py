@@ -58,6 +58,20 @@ def importance_probabilities(history: LossHistory, warmup: int = 10, uniform_pro
   return jnp.where(warm, probs, uniform)
 
 
+def check_timestep_sampling(schedule, sampling: str) -> None:
+  """One line for a diffusion.timestep_sampling the schedule cannot serve (or an unknown one)."""
+  if sampling not in TIMESTEP_SAMPLINGS:
+    raise InputError(f'unknown diffusion.timestep_sampling {sampling!r}; choose one of '
+                     f'{", ".join(TIMESTEP_SAMPLINGS)}')
+  continuous = schedules_lib.is_continuous(schedule)
+  if sampling == 'importance' and continuous:
+    raise InputError("diffusion.timestep_sampling='importance' needs a discrete schedule "
+                     "(linear, cosine); use 'uniform' or 'logit_normal' with continuous ones")
+  if sampling == 'logit_normal' and not continuous:
+    raise InputError("diffusion.timestep_sampling='logit_normal' draws continuous t; use it "
+                     "with a continuous schedule (rectified_flow, vp_linear, vp_cosine)")
+
+
 def sample_timesteps(key, schedule, batch_size: int,
                      loss_history: Optional[LossHistory] = None, logit_normal: bool = False):
   """Draws t for each example and the importance weight that keeps the loss unbiased.
@@ -68,19 +82,15 @@ def sample_timesteps(key, schedule, batch_size: int,
   to predict; a reweighting of the loss over t, so its weights stay 1). Returns (t [B],
   weights [B]).
   """
+  check_timestep_sampling(schedule, 'importance' if loss_history is not None else
+                          'logit_normal' if logit_normal else 'uniform')
   if schedules_lib.is_continuous(schedule):
-    if loss_history is not None:
-      raise InputError("importance sampling of t needs a discrete schedule; use "
-                       "timestep_sampling='uniform' with continuous schedules")
     if logit_normal:
       t = schedule.t_min + (1.0 - schedule.t_min) * jax.nn.sigmoid(
           jax.random.normal(key, (batch_size,)))
     else:
       t = jax.random.uniform(key, (batch_size,), minval=schedule.t_min, maxval=1.0)
     return t, jnp.ones((batch_size,))
-  if logit_normal:
-    raise InputError("timestep_sampling='logit_normal' draws continuous t; use it with a "
-                     "continuous schedule (rectified_flow, vp_linear, vp_cosine)")
   num_timesteps = schedule.num_timesteps
   if loss_history is None:
     t = jax.random.randint(key, (batch_size,), 0, num_timesteps)

@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import optax
 
 from ddpm_jax import config_lib, distillation, losses, masking
-from ddpm_jax import schedules as schedules_lib
 from ddpm_jax.models import model_apply
 from ddpm_jax.errors import InputError
 
@@ -75,19 +74,10 @@ def state_from_params(params, tx, key, loss_history=None) -> TrainState:
 
 def initial_state_fn(config, model, tx, schedule, example_shape):
   """A function of no arguments that builds the initial state; for jit or ``jax.eval_shape``."""
+  losses.check_timestep_sampling(schedule, config.diffusion.timestep_sampling)
   loss_history = None
   if config.diffusion.timestep_sampling == 'importance':
-    if schedules_lib.is_continuous(schedule):
-      raise InputError("diffusion.timestep_sampling='importance' needs a discrete schedule")
     loss_history = losses.init_loss_history(schedule.num_timesteps)
-  elif config.diffusion.timestep_sampling == 'logit_normal':
-    if not schedules_lib.is_continuous(schedule):
-      raise InputError("diffusion.timestep_sampling='logit_normal' draws continuous t; use it "
-                       "with a continuous schedule (rectified_flow, vp_linear, vp_cosine)")
-  elif config.diffusion.timestep_sampling != 'uniform':
-    raise InputError(f'unknown diffusion.timestep_sampling '
-                     f'{config.diffusion.timestep_sampling!r}; choose one of '
-                     f'{", ".join(losses.TIMESTEP_SAMPLINGS)}')
   network_shape = config_lib.network_input_shape(config, example_shape)
   return lambda: create_train_state(model, tx, config.training.seed, network_shape, loss_history)
 
