@@ -83,29 +83,28 @@ def main(argv):
     routes = tuple(r for r in routes if r[0] in wanted)
   classifier = digits_quality.load_classifier()
   rows = []
-  cells = []  # (route, steps), each once, in order
+  cells = []  # (route, steps, tolerance), each once, in order
   tolerances = [float(t) for t in f.tolerances.split(',')] if f.tolerances else [None]
   for route in routes:
     if route[1] == 'adaptive':  # the solver picks its steps: one cell per tolerance
-      cells += [((route[0] if tol is None else f'adaptive/{tol:g}', *route[1:]), tol)
+      cells += [((route[0] if tol is None else f'adaptive/{tol:g}', *route[1:]), None, tol)
                 for tol in tolerances]
       continue
     steps = {steps_for(route[1], calls) for calls in budgets} | (
         {6} if route[0] == 'heun' and not f.calls else set())
-    cells += [(route, n) for n in sorted(steps)]
+    cells += [(route, n, None) for n in sorted(steps)]
   students = workdir_lib.finished_students(f.distilled) if f.distilled else {}
-  cells += [(('distilled', 'ddim', 'trailing'), n) for n in sorted(students)]
-  for (name, method, spacing), steps in cells:
+  cells += [(('distilled', 'ddim', 'trailing'), n, None) for n in sorted(students)]
+  for (name, method, spacing), steps, tolerance in cells:
     route_fn, route_params = (inference.load_sampler(students[steps]) if name == 'distilled'
                               else (sample_fn, params))
     calls = []
-    # An adaptive cell's "steps" is its tolerance (None: the run's own).
-    solver = (dict(rtol=steps, atol=steps) if method == 'adaptive' else
+    # The adaptive solve takes a tolerance (None: the run's own) instead of steps.
+    solver = (dict(rtol=tolerance, atol=tolerance) if method == 'adaptive' else
               dict(num_steps=steps, spacing=spacing))
     samples = inference.sample_in_batches(route_fn, route_params, jax.random.key(f.seed),
                                           f.num_samples, f.num_samples, calls=calls,
                                           method=method, **solver)
-    steps = None if method == 'adaptive' else steps
     uint8 = np.round(samples * 255).astype(np.uint8)
     scores = digits_quality.quality(uint8, classifier=classifier)
     nfe = calls[0]
