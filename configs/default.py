@@ -101,6 +101,9 @@ def get_config():
       # uniform | importance (discrete: Nichol & Dhariwal's loss-aware t) | logit_normal
       # (continuous: sigmoid of a standard normal, Esser et al. 2024)
       timestep_sampling='uniform',
+      # independent | minibatch_ot (rectified_flow: each batch paired with its noise by
+      # optimal transport, Tong et al. 2023; straighter ODE paths)
+      coupling='independent',
   ))
 
   config.optim = ml_collections.ConfigDict(dict(

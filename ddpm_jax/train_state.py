@@ -75,6 +75,7 @@ def state_from_params(params, tx, key, loss_history=None) -> TrainState:
 def initial_state_fn(config, model, tx, schedule, example_shape):
   """A function of no arguments that builds the initial state; for jit or ``jax.eval_shape``."""
   losses.check_timestep_sampling(schedule, config.diffusion.timestep_sampling)
+  losses.check_coupling(schedule, config.diffusion.get('coupling', 'independent'))
   loss_history = None
   if config.diffusion.timestep_sampling == 'importance':
     loss_history = losses.init_loss_history(schedule.num_timesteps)
@@ -121,7 +122,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, target: s
                weighting: str, min_snr_gamma: float, ema_decay: float, random_flip: bool,
                label_dropout: float, mask_mix=None, mask_horizon: int = 0, base_weights=None,
                center_observed: bool = False, grad_accum_steps: int = 1,
-               logit_normal_t: bool = False):
+               logit_normal_t: bool = False, coupling: str = 'independent'):
   """One update from a global batch {'x': [B, ...], 'label': [B]}; returns (state, metrics).
 
   An optional ``batch['stop']`` (int32 [B]) comes back as ``metrics['stop']``, its maximum: how
@@ -133,7 +134,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, target: s
   covers the hidden entries (CSDI's recipe). ``base_weights`` (model.forecast_base) and
   ``center_observed`` shift each window first (masking.window_shift).
 
-  ``logit_normal_t`` draws continuous t logit-normally (losses.sample_timesteps).
+  ``logit_normal_t`` draws continuous t logit-normally (losses.sample_timesteps);
+  ``coupling='minibatch_ot'`` pairs the batch with its noise by optimal transport.
 
   ``grad_accum_steps`` = K > 1 computes the gradient in K micro-batches of B / K examples
   (accumulated_value_and_grad): the same examples, t and noise, one optimiser and EMA update.
@@ -154,7 +156,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, target: s
     x0 = x0 - masking.window_shift(x0, mask, base_weights, center_observed)
   # Everything random is drawn for the global batch before any split into micro-batches.
   draw, model_key = losses.draw_training_noise(loss_key, schedule, x0, state.loss_history,
-                                               logit_normal_t)
+                                               logit_normal_t, coupling)
   examples = {'x0': x0, 'draw': draw, 'labels': labels, 'mask': mask}  # each [B, ...] or None
 
   def loss_fn(params, ex):
@@ -266,7 +268,8 @@ def make_train_step(config, model, tx, schedule, state_sharding, batch_sharding,
       base_weights=config_lib.base_weights(config, data_stats),
       center_observed=config_lib.center_observed(config),
       grad_accum_steps=config.optim.get('grad_accum_steps', 1),
-      logit_normal_t=config.diffusion.timestep_sampling == 'logit_normal')
+      logit_normal_t=config.diffusion.timestep_sampling == 'logit_normal',
+      coupling=config.diffusion.get('coupling', 'independent'))
   return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                  out_shardings=(state_sharding, metrics_sharding), donate_argnums=0)
 

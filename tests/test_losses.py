@@ -1,3 +1,5 @@
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,4 +164,45 @@ def test_logit_normal_t_on_a_discrete_schedule_is_one_line():
   config = digits.get_config()
   config.diffusion.timestep_sampling = 'logit_normal'
   with pytest.raises(InputError, match="timestep_sampling='logit_normal' draws continuous t"):
+    train_state.initial_state_fn(config, None, None, schedules.linear(), (8, 8, 1))
+
+
+def test_minibatch_ot_pairing_is_the_least_cost_permutation():
+  """Against every one of the 720 orderings of a batch of 6: the pairing's total squared
+  distance is the least of them, the noise rows are the same set, and a batch already in its
+  optimal order comes back unchanged."""
+  x0 = np.asarray(jax.random.normal(jax.random.key(0), (6, 3, 2)))
+  noise = np.asarray(jax.random.normal(jax.random.key(1), (6, 3, 2)))
+  paired = np.asarray(losses.ot_pairing(jnp.asarray(x0), jnp.asarray(noise)))
+  cost = lambda order: sum(np.sum((x0[i] - noise[j]) ** 2) for i, j in enumerate(order))
+  best = min(itertools.permutations(range(6)), key=cost)
+  np.testing.assert_allclose(np.sum((x0 - paired) ** 2), cost(best), rtol=1e-5)
+  np.testing.assert_array_equal(paired, noise[list(best)])
+  np.testing.assert_array_equal(np.asarray(losses.ot_pairing(jnp.asarray(x0), jnp.asarray(paired))),
+                                paired)
+  assert np.sum((x0 - paired) ** 2) < np.sum((x0 - noise) ** 2)
+
+
+def test_minibatch_ot_draw_pairs_the_noise_of_the_independent_draw():
+  """The coupled draw keeps the independent draw's t and its set of noise rows."""
+  sched = schedules.rectified_flow()
+  x0 = jax.random.normal(jax.random.key(2), (8, 4, 4, 1))
+  independent, _ = losses.draw_training_noise(jax.random.key(3), sched, x0)
+  coupled, _ = losses.draw_training_noise(jax.random.key(3), sched, x0, coupling='minibatch_ot')
+  np.testing.assert_array_equal(np.asarray(coupled.t), np.asarray(independent.t))
+  np.testing.assert_array_equal(np.asarray(coupled.noise),
+                                np.asarray(losses.ot_pairing(x0, independent.noise)))
+  assert not np.array_equal(np.asarray(coupled.noise), np.asarray(independent.noise))
+
+
+def test_minibatch_ot_off_the_flow_path_is_one_line():
+  with pytest.raises(InputError, match="coupling='minibatch_ot' pairs data with noise"):
+    losses.draw_training_noise(jax.random.key(0), schedules.vp_linear(), jnp.zeros((4, 2)),
+                               coupling='minibatch_ot')
+  config = digits.get_config()
+  config.diffusion.coupling = 'minibatch_ot'
+  with pytest.raises(InputError, match="use it with diffusion.schedule='rectified_flow'"):
+    train_state.initial_state_fn(config, None, None, schedules.linear(), (8, 8, 1))
+  config.diffusion.coupling = 'sinkhorn'
+  with pytest.raises(InputError, match="unknown diffusion.coupling 'sinkhorn'"):
     train_state.initial_state_fn(config, None, None, schedules.linear(), (8, 8, 1))
