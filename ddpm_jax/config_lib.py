@@ -202,6 +202,12 @@ def center_observed(config) -> bool:
   return bool(config.model.get('center_observed', MODEL_INPUT_DEFAULTS['center_observed']))
 
 
+def coupling(config) -> str:
+  """How training pairs data with noise (losses.COUPLINGS); runs saved before the field
+  existed drew them independently."""
+  return config.diffusion.get('coupling', 'independent')
+
+
 def observed_input(config) -> bool:
   """Whether the network takes observed values and a mask beside x_t (masking.condition_input)."""
   return bool(config.model.get('observed_input', MODEL_INPUT_DEFAULTS['observed_input']))

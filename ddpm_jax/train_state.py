@@ -75,7 +75,7 @@ def state_from_params(params, tx, key, loss_history=None) -> TrainState:
 def initial_state_fn(config, model, tx, schedule, example_shape):
   """A function of no arguments that builds the initial state; for jit or ``jax.eval_shape``."""
   losses.check_timestep_sampling(schedule, config.diffusion.timestep_sampling)
-  losses.check_coupling(schedule, config.diffusion.get('coupling', 'independent'))
+  losses.check_coupling(schedule, config_lib.coupling(config))
   loss_history = None
   if config.diffusion.timestep_sampling == 'importance':
     loss_history = losses.init_loss_history(schedule.num_timesteps)
@@ -269,7 +269,7 @@ def make_train_step(config, model, tx, schedule, state_sharding, batch_sharding,
       center_observed=config_lib.center_observed(config),
       grad_accum_steps=config.optim.get('grad_accum_steps', 1),
       logit_normal_t=config.diffusion.timestep_sampling == 'logit_normal',
-      coupling=config.diffusion.get('coupling', 'independent'))
+      coupling=config_lib.coupling(config))
   return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                  out_shardings=(state_sharding, metrics_sharding), donate_argnums=0)
 
