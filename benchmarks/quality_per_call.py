@@ -13,8 +13,9 @@ ddpm_jax.digits_quality) and, for the cells named in --fid_cells (route:calls, F
 a CPU: about 80 s per 500 images), FID against all 1,797 digits. --distilled adds each
 finished student of a distillation run (distill.py), sampled with its own steps. --routes and
 --calls choose a subset; on continuous and flow runs the routes euler (Euler on the ODE, on
-its trailing, Karras and log-SNR spacings) and adaptive (diffrax's Tsit5 at sampling.rtol/atol,
-or at each of --tolerances: one cell each, the calls it took) are there too.
+its trailing, Karras and log-SNR spacings) and adaptive (the run's diffrax solver,
+sampling.solver, at sampling.rtol/atol or at each of --tolerances: one cell each, the calls it
+took; adaptive/bosh3, adaptive/tsit5, ... name the solver) are there too.
 Writes benchmarks/results/<--results>.md and .png (FD against calls, log x).
 """
 
@@ -31,7 +32,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ddpm_jax import (config_lib, digits_quality, evaluation, inference, plots,  # noqa: E402
-                      schedules)
+                      sampling, schedules)
 from ddpm_jax import workdir as workdir_lib
 
 flags.DEFINE_string('ckpt', None, 'A trained digits run (configs/digits.py).')
@@ -52,12 +53,14 @@ flags.mark_flags_as_required(['ckpt'])
 
 RESULTS = REPO / 'benchmarks' / 'results'
 CALLS = (1, 2, 4, 8, 10, 20, 50)
-# (name, method, spacing): None is the method's own default.
+# (name, method, spacing, or the adaptive solve's solver): None is the run's or method's own.
 ROUTES = (('ddim', 'ddim', None), ('dpm_solver++', 'dpm_solver++', None),
           ('dpm_solver++3m', 'dpm_solver++3m', None),
           ('dpm_solver++/karras', 'dpm_solver++', 'karras'), ('heun', 'heun', 'karras'))
 CONTINUOUS_ROUTES = (('euler', 'euler', None), ('euler/karras', 'euler', 'karras'),
-                     ('euler/logsnr', 'euler', 'logsnr'), ('adaptive', 'adaptive', None))
+                     ('euler/logsnr', 'euler', 'logsnr'), ('adaptive', 'adaptive', None)) + tuple(
+                         (f'adaptive/{solver}', 'adaptive', solver)
+                         for solver in sampling.ADAPTIVE_SOLVERS)
 
 
 def steps_for(method: str, calls: int) -> int:
@@ -87,7 +90,7 @@ def main(argv):
   tolerances = [float(t) for t in f.tolerances.split(',')] if f.tolerances else [None]
   for route in routes:
     if route[1] == 'adaptive':  # the solver picks its steps: one cell per tolerance
-      cells += [((route[0] if tol is None else f'adaptive/{tol:g}', *route[1:]), None, tol)
+      cells += [((route[0] if tol is None else f'{route[0]}/{tol:g}', *route[1:]), None, tol)
                 for tol in tolerances]
       continue
     steps = {steps_for(route[1], calls) for calls in budgets} | (
@@ -95,16 +98,16 @@ def main(argv):
     cells += [(route, n, None) for n in sorted(steps)]
   students = workdir_lib.finished_students(f.distilled) if f.distilled else {}
   cells += [(('distilled', 'ddim', 'trailing'), n, None) for n in sorted(students)]
-  for (name, method, spacing), steps, tolerance in cells:
+  for (name, method, variant), steps, tolerance in cells:
     route_fn, route_params = (inference.load_sampler(students[steps]) if name == 'distilled'
                               else (sample_fn, params))
     calls = []
     # The adaptive solve takes a tolerance (None: the run's own) instead of steps.
-    solver = (dict(rtol=tolerance, atol=tolerance) if method == 'adaptive' else
-              dict(num_steps=steps, spacing=spacing))
+    settings = (dict(rtol=tolerance, atol=tolerance, solver=variant) if method == 'adaptive'
+                else dict(num_steps=steps, spacing=variant))
     samples = inference.sample_in_batches(route_fn, route_params, jax.random.key(f.seed),
                                           f.num_samples, f.num_samples, calls=calls,
-                                          method=method, **solver)
+                                          method=method, **settings)
     uint8 = np.round(samples * 255).astype(np.uint8)
     scores = digits_quality.quality(uint8, classifier=classifier)
     nfe = calls[0]

@@ -159,6 +159,12 @@ def get_config():
       # adaptive only (it takes no num_steps): the diffrax solve's relative tolerance
       rtol=ADAPTIVE_DEFAULTS['rtol'],
       atol=ADAPTIVE_DEFAULTS['atol'],  # adaptive only: its absolute tolerance
+      # adaptive only: bosh3 (order 3, the fewest calls at these tolerances) | tsit5 | dopri5
+      # (order 5) | heun (order 2)
+      solver=ADAPTIVE_DEFAULTS['solver'],
+      # x_T in mirrored pairs (z, -z), samples 2k and 2k + 1: each an exact draw, an ensemble's
+      # mean and median with less Monte Carlo error (forecasts); the number of samples even
+      antithetic=False,
       # heun only: EDM's stochastic churn (0: the deterministic sampler).
       s_churn=0.0,  # how much noise is added per step
       s_tmin=0.0,  # churn only between these noise levels

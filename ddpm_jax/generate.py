@@ -86,6 +86,8 @@ class SampleRequest:
   rho: Optional[float] = None
   rtol: Optional[float] = None  # adaptive only
   atol: Optional[float] = None
+  solver: Optional[str] = None
+  antithetic: Optional[bool] = None
   eta: Optional[float] = None
   guidance_scale: Optional[float] = None
   seed: int = 0
@@ -114,7 +116,7 @@ class SampleRequest:
         ckpt=flags.ckpt, out=flags.out, num_samples=flags.num_samples,
         method=flags.method or None, num_steps=flags.num_steps or None,
         spacing=flags.spacing or None, rho=flags.rho or None, rtol=flags.rtol, atol=flags.atol,
-        eta=None if flags.eta < 0 else flags.eta,
+        solver=flags.solver or None, antithetic=flags.antithetic, eta=None if flags.eta < 0 else flags.eta,
         guidance_scale=None if flags.guidance_scale < 0 else flags.guidance_scale,
         seed=flags.seed, batch_size=flags.batch_size or None, png_dir=flags.png_dir,
         trajectory=flags.trajectory, labels=flags.labels, evaluate=flags.eval,
@@ -145,17 +147,19 @@ class Sampler:
   batch_size: int
   rtol: Optional[float] = None  # adaptive only
   atol: Optional[float] = None
+  solver: Optional[str] = None
+  antithetic: Optional[bool] = None
 
   def kwargs(self) -> dict:
     """The options every sample_fn call of the request passes."""
     return dict(method=self.method, num_steps=self.num_steps, spacing=self.spacing,
                 rho=self.rho, eta=self.eta, guidance_scale=self.guidance_scale,
-                rtol=self.rtol, atol=self.atol)
+                rtol=self.rtol, atol=self.atol, solver=self.solver, antithetic=self.antithetic)
 
   def describe(self) -> str:
     """The method and its steps (or tolerances), for the console and timing.txt."""
     if self.method == 'adaptive':
-      return f'adaptive (rtol {self.rtol:g}, atol {self.atol:g})'
+      return f'adaptive ({self.solver}, rtol {self.rtol:g}, atol {self.atol:g})'
     return f'{self.method} ({self.steps} steps, {self.spacing} spacing)'
 
 
@@ -163,12 +167,13 @@ def resolve_sampler(request: SampleRequest, config) -> Sampler:
   method, num_steps, steps = inference.resolve_method(
       config, config_lib.schedule_from_config(config), request.method, request.num_steps)
   spacing, rho = inference.resolve_spacing(config, method, request.spacing, request.rho)
-  rtol, atol = inference.resolve_tolerances(config, method, request.rtol, request.atol)
+  adaptive = inference.resolve_adaptive(config, method, request.rtol, request.atol,
+                                        request.solver)
   batch_size = request.batch_size or config.sampling.batch_size
   if request.task == 'generate':
     batch_size = min(batch_size, request.num_samples)
   return Sampler(method, num_steps, steps, spacing, rho, request.eta, request.guidance_scale,
-                 batch_size, rtol, atol)
+                 batch_size, **adaptive, antithetic=request.antithetic)
 
 
 def _series_task(sample_fn, run, request: SampleRequest, sampler: Sampler,

@@ -76,17 +76,29 @@ def resolve_spacing(config, method: str, spacing: Optional[str], rho: Optional[f
   return sampling.METHOD_SPACINGS[method][0], rho
 
 
-def resolve_tolerances(config, method: str, rtol: Optional[float], atol: Optional[float]):
-  """(rtol, atol) of the adaptive solve (unset: sampling.rtol / atol), checked; (None, None)
-  for the other methods, where setting either is one line."""
+def resolve_adaptive(config, method: str, rtol: Optional[float], atol: Optional[float],
+                     solver: Optional[str]) -> dict:
+  """{'rtol', 'atol', 'solver'} of the adaptive solve (unset: sampling.rtol / atol / solver),
+  checked; all None for the other methods, where setting any is one line."""
   if method != 'adaptive':
-    if rtol is not None or atol is not None:
-      raise InputError(f'rtol and atol are the adaptive solve\'s; {method} takes none')
-    return None, None
-  tolerances = sampling.adaptive_tolerances(
-      config.sampling.get('rtol', None) if rtol is None else rtol,
-      config.sampling.get('atol', None) if atol is None else atol)
-  return tolerances['rtol'], tolerances['atol']
+    sampling.check_no_adaptive_settings(method, rtol, atol, solver)
+    return dict(rtol=None, atol=None, solver=None)
+  given = dict(rtol=rtol, atol=atol, solver=solver)
+  # A run saved before a setting existed has none in its config: the library default.
+  return sampling.adaptive_settings(**{
+      name: config.sampling.get(name, None) if value is None else value
+      for name, value in given.items()})
+
+
+def resolve_antithetic(config, antithetic: Optional[bool], num_samples: int) -> bool:
+  """Whether x_T comes in mirrored pairs (unset: sampling.antithetic); one line when pairs
+  cannot fill ``num_samples``."""
+  antithetic = bool(config.sampling.get('antithetic', False) if antithetic is None
+                    else antithetic)
+  if antithetic and num_samples % 2:
+    raise InputError(f'antithetic sampling draws x_T in pairs: a batch of {num_samples} is odd; '
+                     'use an even number of samples and batch size')
+  return antithetic
 
 
 def churn_from_config(config) -> sampling.Churn:
@@ -125,7 +137,12 @@ def progress_chunk(num_steps: int, pieces: int = 10) -> int:
 def make_sample_fn(model, config, data_stats: Optional[dict] = None):
   """Returns ``sample_fn(params, key, num_samples, *, method=None, num_steps=None,
   eta=None, labels=None, guidance_scale=None, spacing=None, rho=None, return_trajectory=False,
-  progress=None)``.
+  progress=None, observed=None, mask=None, rtol=None, atol=None, solver=None, antithetic=None,
+  return_nfe=False)``.
+
+  ``antithetic`` (unset: sampling.antithetic) draws x_T in mirrored pairs (z, -z), samples 2k
+  and 2k + 1; each sample is still an exact draw, and the mean or median of an ensemble made of
+  such pairs has a smaller Monte Carlo error (forecasts: docs/time_series.md).
 
   Unset options take ``config.sampling``'s values (a spacing: see ``resolve_spacing``). The
   result is float samples in data space [num_samples, *example_shape] (images in [0, 1], series
@@ -194,29 +211,39 @@ def make_sample_fn(model, config, data_stats: Optional[dict] = None):
       x = jnp.where(condition['mask'] > 0, condition['observed'], x)
     return to_data_space(x, config, data_stats)
 
-  def initial_noise(key, shape):
-    x_T = jax.random.normal(jax.random.split(key)[0], shape, jnp.float32)
+  def initial_noise(key, shape, antithetic: bool):
+    """x_T [shape]; ``antithetic``: in mirrored pairs, x_T[2k + 1] = -x_T[2k]."""
+    noise_key = jax.random.split(key)[0]
+    if antithetic:
+      half = jax.random.normal(noise_key, (shape[0] // 2,) + shape[1:], jnp.float32)
+      x_T = jnp.stack([half, -half], axis=1).reshape(shape)
+    else:
+      x_T = jax.random.normal(noise_key, shape, jnp.float32)
     if jax.device_count() > 1 and shape[0] % jax.device_count() == 0:
       x_T = jax.lax.with_sharding_constraint(x_T, sharding.batch_sharding(sharding.make_mesh()))
     return x_T
 
-  @functools.partial(jax.jit, static_argnames=static + ('return_trajectory', 'rtol', 'atol'))
+  @functools.partial(jax.jit,
+                     static_argnames=static + ('return_trajectory', 'rtol', 'atol', 'solver',
+                                               'antithetic'))
   def jitted(params, key, num_samples, *, method, num_steps, eta, labels, guidance_scale,
-             spacing, rho, condition, return_trajectory, rtol, atol):
+             spacing, rho, condition, return_trajectory, rtol, atol, solver, antithetic):
     """(samples, or (samples, trajectory); the network calls they took)."""
     model_fn, sample_key, shape, options = setup(params, key, num_samples, labels, method,
                                                  num_steps, eta, guidance_scale, spacing, rho,
                                                  condition)
     if method == 'adaptive':
-      x_T = sampling.check_adaptive(schedule, sample_key, shape, initial_noise(key, shape), None,
+      x_T = sampling.check_adaptive(schedule, sample_key, shape, initial_noise(key, shape, antithetic), None,
                                     spacing, return_trajectory, options.get('replace'), None)
       x, calls = sampling.adaptive_sample(model_fn, schedule, x_T,
                                           prediction=options['prediction'],
-                                          clip_x0=options['clip_x0'], rtol=rtol, atol=atol)
+                                          clip_x0=options['clip_x0'], rtol=rtol, atol=atol,
+                                          solver=solver)
       return finish(x, condition), calls
     calls = sampling.network_calls(schedule, method, num_steps, spacing, rho)
     result = sampling.sample(model_fn, schedule, sample_key, shape,
-                             x_T=initial_noise(key, shape), return_trajectory=return_trajectory,
+                             x_T=initial_noise(key, shape, antithetic),
+                             return_trajectory=return_trajectory,
                              **options)
     if return_trajectory:
       x, (x_t, x0) = result
@@ -224,14 +251,14 @@ def make_sample_fn(model, config, data_stats: Optional[dict] = None):
                                      to_data_space(x0, config, data_stats))), calls
     return finish(result, condition), calls
 
-  @functools.partial(jax.jit, static_argnames=static)
+  @functools.partial(jax.jit, static_argnames=static + ('antithetic',))
   def start_piece(params, key, num_samples, *, method, num_steps, eta, labels, guidance_scale,
-                  spacing, rho, condition):
+                  spacing, rho, condition, antithetic):
     model_fn, sample_key, shape, options = setup(params, key, num_samples, labels, method,
                                                  num_steps, eta, guidance_scale, spacing, rho,
                                                  condition)
     return sampling.sample_start(model_fn, schedule, sample_key, shape,
-                                 x_T=initial_noise(key, shape), **options)
+                                 x_T=initial_noise(key, shape, antithetic), **options)
 
   @functools.partial(jax.jit, static_argnames=static + ('length',))
   def steps_piece(params, key, carry, start, num_samples, *, length, method, num_steps, eta,
@@ -253,10 +280,12 @@ def make_sample_fn(model, config, data_stats: Optional[dict] = None):
                 guidance_scale: Optional[float] = None, spacing: Optional[str] = None,
                 rho: Optional[float] = None, return_trajectory: bool = False,
                 progress=None, observed=None, mask=None, rtol: Optional[float] = None,
-                atol: Optional[float] = None, return_nfe: bool = False):
+                atol: Optional[float] = None, solver: Optional[str] = None,
+                antithetic: Optional[bool] = None, return_nfe: bool = False):
     method, num_steps, total = resolve_method(config, schedule, method, num_steps)
+    antithetic = resolve_antithetic(config, antithetic, num_samples)
     spacing, rho = resolve_spacing(config, method, spacing, rho)
-    rtol, atol = resolve_tolerances(config, method, rtol, atol)
+    adaptive = resolve_adaptive(config, method, rtol, atol, solver)
     # Checked here, where labels are still concrete, unless the caller's own jit traces them.
     check_labels(model, labels, num_samples)
     condition = check_condition(observed, mask, (num_samples,) + tuple(example_shape))
@@ -264,12 +293,12 @@ def make_sample_fn(model, config, data_stats: Optional[dict] = None):
                    guidance_scale=guidance_scale, spacing=spacing, rho=rho, condition=condition)
     if progress is None or return_trajectory or method == 'adaptive':
       out, calls = jitted(params, key, num_samples, return_trajectory=return_trajectory,
-                          rtol=rtol, atol=atol, **options)
+                          antithetic=antithetic, **adaptive, **options)
       if progress is not None:  # the adaptive solve is one piece
         jax.block_until_ready(out)
         progress(total)
       return (out, calls) if return_nfe else out
-    carry = start_piece(params, key, num_samples, **options)
+    carry = start_piece(params, key, num_samples, antithetic=antithetic, **options)
     length = progress_chunk(total)
     for start in range(0, total, length):
       carry = steps_piece(params, key, carry, start, num_samples, length=length, **options)

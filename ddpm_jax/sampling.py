@@ -14,8 +14,9 @@ Methods and their network calls (NFE):
                   Karras-spaced noise levels, the last step Euler; NFE = 2 num_steps - 1.
   euler           continuous; Euler's method on the probability-flow ODE dx/dt = alpha'(t) x0 +
                   sigma'(t) eps (the flow's ODE on rectified_flow), to t = 0; NFE = num_steps.
-  adaptive        continuous; the same ODE solved by diffrax (Tsit5, PID step-size control at
-                  ``rtol``/``atol``), then one denoising call at t_min; NFE as it took.
+  adaptive        continuous; the same ODE solved by diffrax (``solver``: Bosh3 by default,
+                  Tsit5, Dopri5 or Heun; PID step-size control at ``rtol``/``atol``), then one
+                  denoising call at t_min; NFE as it took.
   euler_maruyama  continuous; the reverse SDE, last step without noise; NFE = num_steps.
   ode             continuous; Heun's method on the probability-flow ODE in (x, t), steps
                   uniform in t; NFE = 2 num_steps.
@@ -45,7 +46,14 @@ MULTISTEP_ORDER = {'dpm_solver++': 2, 'dpm_solver++3m': 3}
 DISCRETE_ONLY = ('ddpm',)
 # These integrate in continuous time (d alpha / dt): a discrete schedule has no such view here.
 CONTINUOUS_ONLY = ('euler', 'adaptive', 'euler_maruyama', 'ode')
-ADAPTIVE_DEFAULTS = dict(rtol=1e-3, atol=1e-3)
+# The adaptive solve's diffrax solvers: (the solver, network calls per step tried, calls before
+# the first step). The FSAL ones (first stage the same as the last of the step before) make one
+# call fewer than their stages a step, and one at the start for the first. A low order takes fewer calls at a sampler's tolerances: on the digits flow run at
+# rtol = atol = 1e-3, Bosh3 (order 3) took 53 calls to Tsit5's 116 for the same quality
+# (docs/sampling.md), hence the default.
+ADAPTIVE_SOLVERS = {'bosh3': (diffrax.Bosh3, 3, 1), 'tsit5': (diffrax.Tsit5, 6, 1),
+                    'dopri5': (diffrax.Dopri5, 6, 1), 'heun': (diffrax.Heun, 2, 0)}
+ADAPTIVE_DEFAULTS = dict(rtol=1e-3, atol=1e-3, solver='bosh3')
 ADAPTIVE_MAX_STEPS = 1000
 # How each method may space its steps, its default first: uniform / quadratic in t, uniform in
 # log-SNR, or Karras et al.'s (2022) sigma_i = (smax^1/rho + i/(N-1) (smin^1/rho - smax^1/rho))^rho
@@ -422,36 +430,46 @@ def _max_rms_norm(y):
 
 def adaptive_sample(model_fn: ModelFn, schedule, x_T, *, prediction: str = 'eps',
                     clip_x0: bool = True, rtol: float = ADAPTIVE_DEFAULTS['rtol'],
-                    atol: float = ADAPTIVE_DEFAULTS['atol']):
+                    atol: float = ADAPTIVE_DEFAULTS['atol'],
+                    solver: str = ADAPTIVE_DEFAULTS['solver']):
   """The probability-flow ODE (ode_velocity) from x_T [B, ...] at t_max to t_min, solved by
-  diffrax's Tsit5 with a PID step-size controller at ``rtol``/``atol`` (every example held to
-  them: _max_rms_norm), then x0 predicted at t_min (score_sde's final denoising step).
+  diffrax's ``solver`` (ADAPTIVE_SOLVERS) with a PID step-size controller at ``rtol``/``atol``
+  (every example held to them: _max_rms_norm), then x0 predicted at t_min (score_sde's final
+  denoising step).
 
   Jit-able; one solve for the whole batch. Returns (x0 [B, ...], network calls it took: int32
   scalar).
   """
   check_tolerances(rtol, atol)
+  check_solver(solver)
   model_fn, prediction = as_v_prediction(model_fn, schedule, prediction)
 
   def vector_field(t, x, args):
     return ode_velocity(model_fn, schedule, x, t, prediction, clip_x0)[0]
 
   solution = diffrax.diffeqsolve(
-      diffrax.ODETerm(vector_field), diffrax.Tsit5(), t0=schedule.t_max, t1=schedule.t_min,
-      dt0=None, y0=x_T, saveat=diffrax.SaveAt(t1=True),
+      diffrax.ODETerm(vector_field), ADAPTIVE_SOLVERS[solver][0](), t0=schedule.t_max,
+      t1=schedule.t_min, dt0=None, y0=x_T, saveat=diffrax.SaveAt(t1=True),
       stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol, norm=_max_rms_norm),
       max_steps=ADAPTIVE_MAX_STEPS)
   x = solution.ys[0]
   alpha, sigma = diffusion.alpha_sigma(schedule, jnp.float32(schedule.t_min))
   x0, _ = denoise(model_fn, x, jnp.float32(schedule.t_min), alpha, sigma, prediction, clip_x0)
-  return x0, adaptive_calls(solution.stats) + 1
+  return x0, adaptive_calls(solution.stats, solver) + 1
 
 
-def adaptive_calls(stats) -> jax.Array:
-  """Network calls of a Tsit5 solve from its step counts: 6 per step tried (7 stages, the
-  first shared with the previous step's last) and 1 more, at the start, that also chooses the
-  first step size (counted against the calls themselves in tests/test_flow.py)."""
-  return 6 * stats['num_steps'] + 1
+def adaptive_calls(stats, solver: str) -> jax.Array:
+  """Network calls of a diffrax solve by ``solver`` from its step counts (ADAPTIVE_SOLVERS;
+  counted against the calls themselves in tests/test_flow.py)."""
+  _, per_step, at_start = ADAPTIVE_SOLVERS[solver]
+  return per_step * stats['num_steps'] + at_start
+
+
+def check_solver(solver: str) -> None:
+  """One line unless ``solver`` names one of ADAPTIVE_SOLVERS."""
+  if solver not in ADAPTIVE_SOLVERS:
+    raise InputError(f'unknown adaptive solver {solver!r}; choose one of '
+                     f'{", ".join(ADAPTIVE_SOLVERS)}')
 
 
 def check_tolerances(rtol, atol, solve: str = 'the adaptive solve') -> None:
@@ -685,7 +703,8 @@ def sample(model_fn: ModelFn, schedule, key, shape, *, method: str,
            clip_x0: bool = True, x_T=None, variance: str = 'small',
            spacing: Optional[str] = None, rho: float = DEFAULT_RHO, churn: Churn = Churn(),
            return_trajectory: bool = False, progress: Optional[Callable[[int], None]] = None,
-           replace=None, rtol: Optional[float] = None, atol: Optional[float] = None):
+           replace=None, rtol: Optional[float] = None, atol: Optional[float] = None,
+           solver: Optional[str] = None):
   """Runs the reverse process from x_T ~ N(0, I) of ``shape`` and returns x_0 in model space.
 
   ``x_T`` fixes the starting noise. ``return_trajectory`` also returns (x_t, predicted x0), each
@@ -693,16 +712,15 @@ def sample(model_fn: ModelFn, schedule, key, shape, *, method: str,
   (a host callback: for progress bars; a computation with one is never kept in JAX's persistent
   compilation cache). Jit-able; ``key`` draws x_T and all step noise. ``replace=(observed,
   mask)`` conditions on observed entries by replacement (see ``make_plan``). ``spacing`` (None:
-  the method's default), ``rho`` and ``churn``: see METHOD_SPACINGS and make_plan. ``rtol`` and
-  ``atol`` (None: ADAPTIVE_DEFAULTS) are the adaptive solve's (adaptive_sample).
+  the method's default), ``rho`` and ``churn``: see METHOD_SPACINGS and make_plan. ``rtol``,
+  ``atol`` and ``solver`` (None: ADAPTIVE_DEFAULTS) are the adaptive solve's (adaptive_sample).
   """
   if method == 'adaptive':
     x_T = check_adaptive(schedule, key, shape, x_T, num_steps, spacing, return_trajectory,
                          replace, progress)
     return adaptive_sample(model_fn, schedule, x_T, prediction=prediction, clip_x0=clip_x0,
-                           **adaptive_tolerances(rtol, atol))[0]
-  if rtol is not None or atol is not None:
-    raise InputError(f'rtol and atol are the adaptive solve\'s; {method} takes none')
+                           **adaptive_settings(rtol, atol, solver))[0]
+  check_no_adaptive_settings(method, rtol, atol, solver)
   plan = _plan(model_fn, schedule, key, method, num_steps, eta, prediction, clip_x0, variance,
                spacing, rho, churn, replace)  # one plan for all the steps
   result = _steps(plan, _start(plan, key, shape, x_T), 0, num_plan_steps(plan),
@@ -712,12 +730,21 @@ def sample(model_fn: ModelFn, schedule, key, shape, *, method: str,
   return (x, trajectory) if return_trajectory else x
 
 
-def adaptive_tolerances(rtol: Optional[float], atol: Optional[float]) -> dict:
-  """{'rtol', 'atol'}: the given ones, ADAPTIVE_DEFAULTS for None; checked."""
-  tolerances = dict(rtol=ADAPTIVE_DEFAULTS['rtol'] if rtol is None else rtol,
-                    atol=ADAPTIVE_DEFAULTS['atol'] if atol is None else atol)
-  check_tolerances(**tolerances)
-  return tolerances
+def adaptive_settings(rtol: Optional[float], atol: Optional[float],
+                      solver: Optional[str]) -> dict:
+  """{'rtol', 'atol', 'solver'}: the given ones, ADAPTIVE_DEFAULTS for None; checked."""
+  given = dict(rtol=rtol, atol=atol, solver=solver)
+  settings = {name: ADAPTIVE_DEFAULTS[name] if value is None else value
+              for name, value in given.items()}
+  check_tolerances(settings['rtol'], settings['atol'])
+  check_solver(settings['solver'])
+  return settings
+
+
+def check_no_adaptive_settings(method: str, rtol, atol, solver) -> None:
+  """One line if a method other than the adaptive solve is given one of its settings."""
+  if rtol is not None or atol is not None or solver is not None:
+    raise InputError(f'rtol, atol and solver are the adaptive solve\'s; {method} takes none')
 
 
 def check_adaptive(schedule, key, shape, x_T, num_steps, spacing, return_trajectory, replace,

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from ddpm_jax import generate, inference, trainer
+from ddpm_jax.errors import InputError
 from ddpm_jax.models import create_model
 from tests.helpers import error_lines, run_script, tiny_config
 from tests.test_models import randomized
@@ -112,6 +113,31 @@ def test_sample_script_bad_input(digits_run, tmp_path):
         (args, result.stderr[-2000:])
 
 
+@pytest.mark.parametrize('method, steps', [('ddim', 4), ('dpm_solver++', 4)])
+def test_antithetic_samples_come_from_mirrored_noise(method, steps):
+  """With the network at its initialisation (its last conv is zero: it predicts eps = 0) a
+  deterministic sampler is an odd map of x_T, clipping included, so in image space [0, 1] the
+  two samples of each antithetic pair sum to 1 exactly; independent noise does not."""
+  config = tiny_config()
+  config.data.image_size, config.data.channels = 8, 1
+  model = create_model(config)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32))
+  sample_fn = inference.make_sample_fn(model, config)
+  draw = lambda antithetic: np.asarray(sample_fn(params['params'], jax.random.key(5), 6,
+                                                 method=method, num_steps=steps,
+                                                 antithetic=antithetic), np.float64)
+  paired, independent = draw(True), draw(False)
+  np.testing.assert_allclose(paired[0::2] + paired[1::2], 1.0, atol=1e-6)
+  assert np.abs(independent[0::2] + independent[1::2] - 1.0).max() > 0.1
+  assert np.abs(paired[0::2] - paired[1::2]).max() > 0.1  # the pairs are not one sample twice
+  assert np.abs(paired[0::2] - paired[2::2][:1]).max() > 0.1  # nor the pairs one pair
+  with pytest.raises(InputError, match='antithetic sampling draws x_T in pairs: a batch of 5 '
+                     'is odd') as error:
+    sample_fn(params['params'], jax.random.key(5), 5, method=method, num_steps=steps,
+              antithetic=True)
+  assert '\n' not in str(error.value)
+
+
 @pytest.mark.slow  # 30 s on the 2-core CI machine: in the slow pass
 def test_progress_pieces_give_the_same_samples_as_one_scan(digits_run):
   assert [inference.progress_chunk(n) for n in (1000, 50, 20, 7, 1)] == [100, 5, 2, 1, 1]
@@ -205,7 +231,7 @@ def test_a_class_conditional_grid_has_one_row_per_class(monkeypatch, tmp_path):
 def test_sample_flags_become_one_request_whose_unset_values_are_none():
   """sample.py's 'unset' flag values ('' / 0 / -1) are the run's own settings: None, once."""
   defaults = dict(ckpt='runs/x', out='', num_samples=64, method='', num_steps=0, spacing='',
-                  rho=0.0, rtol=None, atol=None, eta=-1.0, guidance_scale=-1.0, seed=0,
+                  rho=0.0, rtol=None, atol=None, solver='', antithetic=None, eta=-1.0, guidance_scale=-1.0, seed=0,
                   batch_size=0, png_dir='',
                   trajectory=False, labels='', eval=False, fid_stats='', inception_weights='',
                   allow_unknown_weights=False, task='generate', horizon=0, series='',
@@ -214,7 +240,7 @@ def test_sample_flags_become_one_request_whose_unset_values_are_none():
   request = generate.SampleRequest.from_flags(types.SimpleNamespace(**defaults))
   assert (request.method, request.num_steps, request.spacing, request.rho, request.eta,
           request.guidance_scale, request.batch_size, request.horizon, request.rtol,
-          request.atol) == (None,) * 10
+          request.atol, request.solver, request.antithetic) == (None,) * 12
   given = generate.SampleRequest.from_flags(types.SimpleNamespace(**{
       **defaults, 'method': 'ddim', 'num_steps': 8, 'eta': 0.0, 'guidance_scale': 0.0}))
   assert (given.method, given.num_steps, given.eta, given.guidance_scale) == ('ddim', 8, 0.0, 0.0)

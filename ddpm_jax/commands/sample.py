@@ -18,6 +18,10 @@ flags.DEFINE_string('method', '', 'ddpm | ddim | dpm_solver++ | dpm_solver++3m |
 flags.DEFINE_float('rtol', None, 'adaptive: relative tolerance of the ODE solve (default: the '
                    'config\'s sampling.rtol).')
 flags.DEFINE_float('atol', None, 'adaptive: absolute tolerance (default: sampling.atol).')
+flags.DEFINE_string('solver', '', 'adaptive: bosh3 | tsit5 | dopri5 | heun, the diffrax solver '
+                    '(default: sampling.solver).')
+flags.DEFINE_bool('antithetic', None, 'Draw x_T in mirrored pairs (z, -z): an ensemble\'s mean '
+                  'and median with less Monte Carlo error (default: sampling.antithetic).')
 flags.DEFINE_string('spacing', '', 'Step spacing: uniform | quadratic | logsnr | karras | '
                     'trailing, as the method takes them (default: the config\'s, else the '
                     'method\'s own).')
