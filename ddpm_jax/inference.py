@@ -233,7 +233,8 @@ def make_sample_fn(model, config, data_stats: Optional[dict] = None):
                                                  num_steps, eta, guidance_scale, spacing, rho,
                                                  condition)
     if method == 'adaptive':
-      x_T = sampling.check_adaptive(schedule, sample_key, shape, initial_noise(key, shape, antithetic), None,
+      x_T = sampling.check_adaptive(schedule, sample_key, shape,
+                                    initial_noise(key, shape, antithetic), None,
                                     spacing, return_trajectory, options.get('replace'), None)
       x, calls = sampling.adaptive_sample(model_fn, schedule, x_T,
                                           prediction=options['prediction'],
