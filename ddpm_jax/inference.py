@@ -90,15 +90,9 @@ def resolve_adaptive(config, method: str, rtol: Optional[float], atol: Optional[
       for name, value in given.items()})
 
 
-def resolve_antithetic(config, antithetic: Optional[bool], num_samples: int) -> bool:
-  """Whether x_T comes in mirrored pairs (unset: sampling.antithetic); one line when pairs
-  cannot fill ``num_samples``."""
-  antithetic = bool(config.sampling.get('antithetic', False) if antithetic is None
-                    else antithetic)
-  if antithetic and num_samples % 2:
-    raise InputError(f'antithetic sampling draws x_T in pairs: a batch of {num_samples} is odd; '
-                     'use an even number of samples and batch size')
-  return antithetic
+def resolve_antithetic(config, antithetic: Optional[bool]) -> bool:
+  """Whether x_T comes in mirrored pairs (unset: sampling.antithetic)."""
+  return bool(config.sampling.get('antithetic', False) if antithetic is None else antithetic)
 
 
 def churn_from_config(config) -> sampling.Churn:
@@ -141,8 +135,9 @@ def make_sample_fn(model, config, data_stats: Optional[dict] = None):
   return_nfe=False)``.
 
   ``antithetic`` (unset: sampling.antithetic) draws x_T in mirrored pairs (z, -z), samples 2k
-  and 2k + 1; each sample is still an exact draw, and the mean or median of an ensemble made of
-  such pairs has a smaller Monte Carlo error (forecasts: docs/time_series.md).
+  and 2k + 1 (an odd batch's last sample unpaired); each sample is still an exact draw, and the
+  mean or median of an ensemble made of such pairs has a smaller Monte Carlo error (forecasts:
+  docs/time_series.md).
 
   Unset options take ``config.sampling``'s values (a spacing: see ``resolve_spacing``). The
   result is float samples in data space [num_samples, *example_shape] (images in [0, 1], series
@@ -212,11 +207,13 @@ def make_sample_fn(model, config, data_stats: Optional[dict] = None):
     return to_data_space(x, config, data_stats)
 
   def initial_noise(key, shape, antithetic: bool):
-    """x_T [shape]; ``antithetic``: in mirrored pairs, x_T[2k + 1] = -x_T[2k]."""
+    """x_T [shape]; ``antithetic``: in mirrored pairs, x_T[2k + 1] = -x_T[2k] (an odd batch's
+    last draw has no partner: every sample is still an exact draw)."""
     noise_key = jax.random.split(key)[0]
     if antithetic:
-      half = jax.random.normal(noise_key, (shape[0] // 2,) + shape[1:], jnp.float32)
-      x_T = jnp.stack([half, -half], axis=1).reshape(shape)
+      pairs = (shape[0] + 1) // 2
+      half = jax.random.normal(noise_key, (pairs,) + shape[1:], jnp.float32)
+      x_T = jnp.stack([half, -half], axis=1).reshape((2 * pairs,) + shape[1:])[:shape[0]]
     else:
       x_T = jax.random.normal(noise_key, shape, jnp.float32)
     if jax.device_count() > 1 and shape[0] % jax.device_count() == 0:
@@ -284,7 +281,7 @@ def make_sample_fn(model, config, data_stats: Optional[dict] = None):
                 atol: Optional[float] = None, solver: Optional[str] = None,
                 antithetic: Optional[bool] = None, return_nfe: bool = False):
     method, num_steps, total = resolve_method(config, schedule, method, num_steps)
-    antithetic = resolve_antithetic(config, antithetic, num_samples)
+    antithetic = resolve_antithetic(config, antithetic)
     spacing, rho = resolve_spacing(config, method, spacing, rho)
     adaptive = resolve_adaptive(config, method, rtol, atol, solver)
     # Checked here, where labels are still concrete, unless the caller's own jit traces them.
