@@ -163,7 +163,8 @@ def get_config():
       # (order 5) | heun (order 2)
       solver=ADAPTIVE_DEFAULTS['solver'],
       # x_T in mirrored pairs (z, -z), samples 2k and 2k + 1: each an exact draw, an ensemble's
-      # mean and median with less Monte Carlo error (forecasts); the number of samples even
+      # mean and median with less Monte Carlo error (forecasts); an odd batch's last sample is
+      # unpaired
       antithetic=False,
       # heun only: EDM's stochastic churn (0: the deterministic sampler).
       s_churn=0.0,  # how much noise is added per step
