@@ -48,7 +48,8 @@ DISCRETE_ONLY = ('ddpm',)
 CONTINUOUS_ONLY = ('euler', 'adaptive', 'euler_maruyama', 'ode')
 # The adaptive solve's diffrax solvers: (the solver, network calls per step tried, calls before
 # the first step). The FSAL ones (first stage the same as the last of the step before) make one
-# call fewer than their stages a step, and one at the start for the first. A low order takes fewer calls at a sampler's tolerances: on the digits flow run at
+# call fewer than their stages a step, and one at the start for the first. A low order takes
+# fewer calls at a sampler's tolerances: on the digits flow run at
 # rtol = atol = 1e-3, Bosh3 (order 3) took 53 calls to Tsit5's 116 for the same quality
 # (docs/sampling.md), hence the default.
 ADAPTIVE_SOLVERS = {'bosh3': (diffrax.Bosh3, 3, 1), 'tsit5': (diffrax.Tsit5, 6, 1),
