@@ -133,8 +133,8 @@ def _reliability(axes, dataset: str, folder: pathlib.Path, stats: dict) -> None:
   axes.plot(LEVELS, covered, 'o-', label=dataset)
 
 
-def _fan(axes_row, folder: pathlib.Path, names: list) -> None:
-  """OT over three test windows: context, 5-95% band, median and truth."""
+def _fan(axes_row, dataset: str, folder: pathlib.Path, names: list) -> None:
+  """``dataset``'s OT over three test windows: context, 5-95% band, median and truth."""
   channel = names.index('OT') if 'OT' in names else len(names) - 1
   with np.load(folder / 'forecast.npz') as arrays:
     count = len(arrays['samples'])
@@ -148,7 +148,7 @@ def _fan(axes_row, folder: pathlib.Path, names: list) -> None:
       axes.fill_between(future, low, high, color=plots.COLOURS[0], alpha=0.3, label='5-95%')
       axes.plot(future, median, color=plots.COLOURS[0], label='median')
       axes.plot(future, target, color=plots.COLOURS[3], label='true')
-      axes.set_title(f'ETTh1 OT, test window {k}', fontsize=9)
+      axes.set_title(f'{dataset} {names[channel]}, test window {k}', fontsize=9)
       axes.set_xlabel('CSV row')
   axes_row[0].set_ylabel(names[channel])
   axes_row[0].legend(fontsize=7)
@@ -178,7 +178,7 @@ def main(argv):
     stats = workdir_lib.load_run(workdir).data_stats
     _reliability(reliability, dataset, folders[0], stats)
     if dataset == f.datasets[0]:
-      _fan(fans, folders[0], stats['columns'])
+      _fan(fans, dataset, folders[0], stats['columns'])
   reliability.plot([0, 1], [0, 1], color='grey', ls=':', label='calibrated')
   reliability.set_xlabel('nominal central interval')
   reliability.set_ylabel('share of test values inside')
