@@ -17,6 +17,7 @@ temperature (OT) over three test windows.
 
 import datetime
 import json
+import os
 import pathlib
 import platform
 import subprocess
@@ -160,7 +161,7 @@ def main(argv):
   seeds = [int(s) for s in f.seeds]
   runs = pathlib.Path(f.runs).resolve()
   lines = [f'Measured {datetime.date.today()} on {platform.processor() or platform.machine()} '
-           f'({len(__import__("os").sched_getaffinity(0))} cores) by', '',
+           f'({len(os.sched_getaffinity(0))} cores) by', '',
            f'    python benchmarks/ett_protocol.py {" ".join(sys.argv[1:])}', '',
            'The Informer / DLinear split (train rows 0-8,639, validation 8,640-11,519, test '
            '11,520-14,399), all 7 channels, scores on the training rows\' z-scores; published '

@@ -21,6 +21,7 @@ temporaries: the step's peak memory, up to the runtime's own overhead). (The fra
 FLOP rate needs the device's peak: not measured here, where no accelerator was available.)
 """
 
+import os
 import pathlib
 import platform
 import sys
@@ -109,7 +110,7 @@ def main(argv):
   device = jax.devices()[0]
   device_name = f'{jax.process_count()} process(es) x {jax.local_device_count()} ' \
       f'{device.device_kind}' + \
-      (f' ({platform.processor() or platform.machine()}, {__import__("os").cpu_count()} cores)'
+      (f' ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)'
        if device.platform == 'cpu' else '')
   row = (f'| {config_name} | {num_params / 1e6:.2f}M | '
          f'{config.training.batch_size} | {accum} | {device_name} | {compile_s:.1f} | '

@@ -3,6 +3,7 @@ tests/diffusers_reference/make_reference.py with torch, outside the suite), sche
 export round trip, and bad input."""
 
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -100,7 +101,7 @@ def test_export_round_trips_to_identical_arrays(tmp_path, case):
 def _convert(*args):
   return subprocess.run([sys.executable, '-m', 'ddpm_jax.convert', *args], cwd=REPO_ROOT,
                         capture_output=True, text=True, timeout=300,
-                        env={**__import__('os').environ, 'JAX_PLATFORMS': 'cpu'})
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
 
 
 def _broken_copy(tmp_path, edit_config=None, edit_tensors=None):
