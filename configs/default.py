@@ -177,3 +177,11 @@ def get_config():
       batch_size=256,  # samples per device call in sample.py
   ))
   return config
+
+
+def decay_over_training(config) -> None:
+  """Decays ``config``'s rate to zero over the steps after warm-up: optim.decay_steps as
+  references to training.num_steps less optim.warmup_steps, so that an override of either on
+  the command line moves the decay with it."""
+  config.optim.decay_steps = (config.training.get_ref('num_steps')
+                              - config.optim.get_ref('warmup_steps'))

@@ -13,7 +13,7 @@ solves the flow's ODE to a tolerance (diffrax's Bosh3 at 1e-3: FD about 0.52 in 
 network calls; docs/sampling.md has the quality per call).
 """
 
-from ddpm_jax.configs import digits
+from ddpm_jax.configs import default, digits
 
 
 def get_config():
@@ -24,8 +24,7 @@ def get_config():
   config.diffusion.coupling = 'minibatch_ot'
   # The rate decayed to zero over the steps after warm-up: at 8 Euler calls FD 0.70 against 0.77
   # at a constant rate, for the same training time (docs/sampling.md).
-  config.optim.decay_steps = (config.training.get_ref('num_steps')
-                              - config.optim.get_ref('warmup_steps'))
+  default.decay_over_training(config)
   config.sampling.method = 'euler'
   config.sampling.num_steps = 8
   return config

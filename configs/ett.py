@@ -16,7 +16,7 @@ reproduces them. ETTh1.csv and ETTh2.csv: https://github.com/zhouhaoyi/ETDataset
 ETT-small).
 """
 
-from ddpm_jax.configs import power_small
+from ddpm_jax.configs import default, power_small
 
 
 def get_config():
@@ -42,8 +42,7 @@ def get_config():
   # than 6,000 at a constant rate (CRPS 0.250 against 0.255 on 300 test windows), in about 14
   # minutes here (docs/time_series.md).
   config.training.num_steps = 12000
-  config.optim.decay_steps = (config.training.get_ref('num_steps')
-                              - config.optim.get_ref('warmup_steps'))
+  default.decay_over_training(config)
   config.training.checkpoint_every = 1000
   config.training.sample_every = 2000
   # 10 DPM-Solver++ steps score as 20 do on these forecasts (docs/time_series.md).

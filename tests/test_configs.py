@@ -5,6 +5,8 @@ import importlib
 
 import jax
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from ddpm_jax import cli, config_lib, distiller, train_state
 from ddpm_jax.models import create_model
@@ -99,3 +101,20 @@ def test_config_paths_find_the_installed_copy_outside_a_checkout(tmp_path, monke
   assert cli._find_configs(argv) == argv
   nosuch = ['x', '--config=configs/nosuch.py']
   assert cli._find_configs(nosuch) == nosuch
+
+
+@pytest.mark.parametrize('name', ['ett', 'digits_flow'])
+def test_a_num_steps_override_moves_the_decay_with_it(name):
+  """configs that decay the rate over training (default.decay_over_training) still end at zero
+  when the command line changes training.num_steps or optim.warmup_steps."""
+  argv = ['train.py', f'--config={REPO_ROOT / "configs" / name}.py',
+          '--config.training.num_steps=3000', '--config.optim.warmup_steps=100']
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', flag_values=values, sys_argv=argv)
+  values(argv)
+  optim = values.config.optim
+  assert optim.decay_steps == 2900
+  rate = train_state.learning_rate_schedule(optim)
+  assert float(rate(100)) == pytest.approx(optim.learning_rate)
+  assert float(rate(1550)) == pytest.approx(optim.learning_rate / 2)
+  assert float(rate(3000)) == 0.0
