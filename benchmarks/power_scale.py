@@ -91,7 +91,11 @@ def train(workdir: pathlib.Path, series: pathlib.Path, minutes: float) -> float:
     process.wait(timeout=minutes * 60)
   except subprocess.TimeoutExpired:
     process.send_signal(signal.SIGTERM)
-    process.wait(timeout=300)
+    try:
+      process.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+      process.kill()  # the newest complete checkpoint is still there
+      raise SystemExit('train.py did not stop within 5 minutes of SIGTERM; killed it')
   if not (workdir / 'checkpoints').is_dir():
     raise SystemExit(f'training wrote no checkpoint (exit status {process.returncode})')
   return (time.time() - start) / 60
