@@ -1,5 +1,12 @@
 """What several benchmarks share: the training step that vs_pytorch.py times and profile_step.py
-dissects, and the image shape of a config whose data fields are left at 0."""
+dissects, the image shape of a config whose data fields are left at 0, what a finished run's
+metrics.jsonl says about its training time, and the machine a result was measured on."""
+
+import json
+import os
+import pathlib
+import platform
+import subprocess
 
 import jax
 import optax
@@ -28,3 +35,33 @@ def adam_diffusion_step(model, schedule, x0, tx):
     return optax.apply_updates(params, updates), opt_state, loss
 
   return step
+
+
+def training_record(workdir: pathlib.Path) -> dict:
+  """From a run's metrics.jsonl: the last step, steps/s between the first and last logged steps,
+  the seconds to compile and run the first step (0 where a run did not log them), the last
+  logged loss, and the minutes of training (logged span plus compilation; the steps before the
+  first logged one, under 1%, are left out)."""
+  lines = (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
+  records = [json.loads(line) for line in lines]
+  timed = [r for r in records if 'time' in r]
+  span = timed[-1]['time'] - timed[0]['time'] if timed else float('nan')
+  compile_s = next((r['compile_and_first_step_s'] for r in records
+                    if 'compile_and_first_step_s' in r), 0.0)
+  return dict(step=max(r['step'] for r in records),
+              rate=(timed[-1]['step'] - timed[0]['step']) / span if len(timed) > 1 else
+              float('nan'),
+              compile_s=compile_s, loss=timed[-1]['loss'] if timed else float('nan'),
+              minutes=(span + compile_s) / 60.0)
+
+
+def machine() -> str:
+  """The GPUs' names where nvidia-smi answers, else the processor, with the CPU cores this process
+  may use (found without starting JAX, which would take a GPU's memory from the runs)."""
+  cores = len(os.sched_getaffinity(0))
+  try:
+    names = subprocess.run(['nvidia-smi', '--query-gpu=name', '--format=csv,noheader'],
+                           capture_output=True, text=True, check=True).stdout.split('\n')
+    return ', '.join(n for n in names if n) + f' ({cores} CPU cores)'
+  except (OSError, subprocess.CalledProcessError):
+    return f'{platform.processor() or platform.machine()} ({cores} cores)'

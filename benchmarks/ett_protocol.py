@@ -17,9 +17,7 @@ temperature (OT) over three test windows.
 
 import datetime
 import json
-import os
 import pathlib
-import platform
 import subprocess
 import sys
 
@@ -29,6 +27,7 @@ from matplotlib.figure import Figure
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+from benchmarks import common  # noqa: E402
 from ddpm_jax import plots, series_data, series_metrics  # noqa: E402
 from ddpm_jax import workdir as workdir_lib  # noqa: E402
 
@@ -74,12 +73,7 @@ def _train(dataset: str, workdir: pathlib.Path) -> float:
     _command('train.py', '--config=configs/ett.py', f'--workdir={workdir}',
              f'--config.data.path={pathlib.Path(f.data_dir).resolve() / (dataset + ".csv")}',
              f'--config.data.horizon={f.horizon}', *f.train_overrides)
-  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
-  times = [r['time'] for r in records if 'time' in r]
-  compile_s = next((r['compile_and_first_step_s'] for r in records
-                    if 'compile_and_first_step_s' in r), 0.0)
-  # From the first logged step: the steps before it are left out (under 1%).
-  return (times[-1] - times[0] + compile_s) / 60.0
+  return common.training_record(workdir)['minutes']
 
 
 def _evaluate(workdir: pathlib.Path, seed: int) -> pathlib.Path:
@@ -160,8 +154,7 @@ def main(argv):
   f = flags.FLAGS
   seeds = [int(s) for s in f.seeds]
   runs = pathlib.Path(f.runs).resolve()
-  lines = [f'Measured {datetime.date.today()} on {platform.processor() or platform.machine()} '
-           f'({len(os.sched_getaffinity(0))} cores) by', '',
+  lines = [f'Measured {datetime.date.today()} on {common.machine()} by', '',
            f'    python benchmarks/ett_protocol.py {" ".join(sys.argv[1:])}', '',
            'The Informer / DLinear split (train rows 0-8,639, validation 8,640-11,519, test '
            '11,520-14,399), all 7 channels, scores on the training rows\' z-scores; published '

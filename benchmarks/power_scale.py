@@ -18,9 +18,7 @@ first window's fan chart to ``<results>/power_scale.png``.
 
 import datetime
 import json
-import os
 import pathlib
-import platform
 import shutil
 import signal
 import subprocess
@@ -31,6 +29,8 @@ import numpy as np
 from absl import app, flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+from benchmarks import common  # noqa: E402
 
 flags.DEFINE_string('series', '', "A CSV, .npy or .npz [N, C] ('': the synthetic series).")
 flags.DEFINE_integer('rows', 200_000, 'Rows of the synthetic series.')
@@ -87,15 +87,19 @@ def train(workdir: pathlib.Path, series: pathlib.Path, minutes: float) -> float:
   print(' '.join(command), flush=True)
   start = time.time()
   process = subprocess.Popen(command, cwd=REPO_ROOT)
+  stopped = 0  # exit status of a run stopped by our SIGTERM (train.py exits 128 + signum)
   try:
     process.wait(timeout=minutes * 60)
   except subprocess.TimeoutExpired:
     process.send_signal(signal.SIGTERM)
+    stopped = 128 + signal.SIGTERM
     try:
       process.wait(timeout=300)
     except subprocess.TimeoutExpired:
       process.kill()  # the newest complete checkpoint is still there
       raise SystemExit('train.py did not stop within 5 minutes of SIGTERM; killed it')
+  if process.returncode not in (0, stopped):
+    raise SystemExit(f'train.py failed (exit status {process.returncode}); see its message above')
   if not (workdir / 'checkpoints').is_dir():
     raise SystemExit(f'training wrote no checkpoint (exit status {process.returncode})')
   return (time.time() - start) / 60
@@ -114,29 +118,6 @@ def backtest(workdir: pathlib.Path) -> tuple:
   return json.loads((out / 'metrics.json').read_text()), out, time.time() - start
 
 
-def training_record(workdir: pathlib.Path) -> dict:
-  """Steps reached, steps/s after compilation, and compile seconds, from metrics.jsonl."""
-  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
-  timed = [r for r in records if 'time' in r]
-  rate = ((timed[-1]['step'] - timed[0]['step']) / (timed[-1]['time'] - timed[0]['time'])
-          if len(timed) > 1 else float('nan'))
-  compile_s = next((r['compile_and_first_step_s'] for r in records
-                    if 'compile_and_first_step_s' in r), float('nan'))
-  return dict(step=max(r['step'] for r in records), rate=rate, compile_s=compile_s,
-              loss=timed[-1]['loss'] if timed else float('nan'))
-
-
-def machine() -> str:
-  """The GPU's name where nvidia-smi answers, else the processor (without starting JAX here,
-  which would take the GPU's memory from the runs)."""
-  try:
-    names = subprocess.run(['nvidia-smi', '--query-gpu=name', '--format=csv,noheader'],
-                           capture_output=True, text=True, check=True).stdout.split('\n')
-    return ', '.join(n for n in names if n) + f' ({len(os.sched_getaffinity(0))} CPU cores)'
-  except (OSError, subprocess.CalledProcessError):
-    return f'{platform.processor() or platform.machine()} ({len(os.sched_getaffinity(0))} cores)'
-
-
 def main(argv):
   del argv
   f = flags.FLAGS
@@ -152,15 +133,16 @@ def main(argv):
     if not series.is_file():
       write_csv(series, synthetic_load(f.rows))
   minutes = train(workdir, series, f.train_minutes)
-  record = training_record(workdir)
+  record = common.training_record(workdir)
+  batch = json.loads((workdir / 'config.json').read_text())['training']['batch_size']
   metrics, folder, seconds = backtest(workdir)
-  lines = [f'Measured {datetime.date.today()} on {machine()} by', '',
+  lines = [f'Measured {datetime.date.today()} on {common.machine()} by', '',
            f'    python benchmarks/power_scale.py {" ".join(sys.argv[1:])}', '',
            f'Data: {source}; `configs/power.py` (windows of 512, stride 1; training 80%, '
            'validation 10%, test 10% in time order).', '',
            f'Training: {minutes:.1f} min of wall time, compilation included '
            f'({record["compile_s"]:.0f} s to compile and run the first step), '
-           f'{record["step"]:,} steps at batch 64, {record["rate"]:.1f} steps/s after '
+           f'{record["step"]:,} steps at batch {batch}, {record["rate"]:.1f} steps/s after '
            f'compilation; last logged loss {record["loss"]:.4f}.', '',
            f'Backtest: {metrics["num_windows"]} test windows x {metrics["num_samples"]} samples, '
            f'the last {metrics["horizon"]} steps hidden; sampling {metrics["seconds"]:.1f} s '
