@@ -127,9 +127,9 @@ def train(config, workdir) -> train_state.TrainState:
 
 def run_in_workdir(config, workdir: pathlib.Path, mesh, model, init, data_iter, data_stats,
                    make_step, label: str = '') -> train_state.TrainState:
-  """Writes (or checks) ``workdir``'s config.json, then ``train_loop`` with orbax's log in
-  train.log."""
-  workdir_lib.write_config(workdir, config)
+  """Checks ``workdir``'s config.json against ``config``, then ``train_loop`` (which writes
+  it) with orbax's log in train.log."""
+  workdir_lib.check_config(workdir, config)
   with run_log.LibraryLogToFile(_library_log(workdir)):
     return train_loop(config, workdir, mesh, model, init, data_iter, data_stats, make_step,
                       label)
@@ -139,8 +139,9 @@ def train_loop(config, workdir, mesh, model, init, data_iter, data_stats, make_s
                label: str = '') -> train_state.TrainState:
   """Steps ``make_step(state_sharding, batch_sharding, metrics_sharding)`` (a jitted
   ``(state, batch) -> (state, metrics)``) from ``init()`` or the newest checkpoint in
-  ``workdir`` to ``config.training.num_steps``, with checkpoints, progress (``label`` first),
-  sample grids and digits quality as ``config.training`` asks; returns the final state."""
+  ``workdir`` to ``config.training.num_steps`` (writing config.json once the resume is
+  accepted), with checkpoints, progress (``label`` first), sample grids and digits quality as
+  ``config.training`` asks; returns the final state."""
   training = config.training
   main = sharding.is_main_process()
   replicated = sharding.replicated(mesh)
@@ -161,6 +162,7 @@ def train_loop(config, workdir, mesh, model, init, data_iter, data_stats, make_s
         data_iter.set_state(restored.data_iter)
       if main:
         print(f'resuming {workdir} from checkpoint {restored.step}', flush=True)
+    workdir_lib.write_config(workdir, config)
     extras = {'data_order': {'batch_size': training.batch_size, 'seed': training.seed}}
     if data_stats:
       extras['data_stats'] = data_stats

@@ -61,11 +61,11 @@ def read_config(workdir) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(fields)
 
 
-def write_config(workdir: pathlib.Path, config) -> None:
-  """Writes config.json, or checks that the one there fits the checkpoints it describes."""
+def check_config(workdir: pathlib.Path, config) -> None:
+  """Checks that the config.json of a workdir with checkpoints fits ``config`` (creates the
+  folder)."""
   workdir.mkdir(parents=True, exist_ok=True)
-  path = workdir / CONFIG
-  if path.exists() and (workdir / CHECKPOINTS).is_dir() and \
+  if (workdir / CONFIG).exists() and (workdir / CHECKPOINTS).is_dir() and \
       any(p.name.isdigit() for p in (workdir / CHECKPOINTS).iterdir()):
     saved = read_config(workdir)
     diffs = config_lib.checkpoint_differences(saved, config)
@@ -77,9 +77,14 @@ def write_config(workdir: pathlib.Path, config) -> None:
       print(f'resuming with optim.grad_accum_steps={accum[1]} (the checkpoints were written '
             f'with {accum[0]}): the same updates, in {accum[1]} micro-batch(es) per step',
             flush=True)
+
+
+def write_config(workdir: pathlib.Path, config) -> None:
+  """Writes config.json: only once every check of the resume has passed, so that a refused
+  resume leaves the file describing the checkpoints it sits beside."""
   sharding.barrier('config_checked')  # nobody reads config.json while process 0 writes it
   if sharding.is_main_process():
-    path.write_text(config_lib.to_json(config))
+    (workdir / CONFIG).write_text(config_lib.to_json(config))
 
 
 def resolve_checkpoint(path) -> tuple[pathlib.Path, Optional[int]]:

@@ -201,3 +201,5 @@ def test_resume_with_another_global_batch_is_refused(tmp_path):
   config.training.num_steps, config.training.batch_size = 4, 16
   with pytest.raises(ValueError, match='checkpoint 2 was written with training.batch_size=8'):
     trainer.train(config, tmp_path)
+  # The refused resume leaves config.json describing the checkpoints beside it.
+  assert workdir_lib.read_config(tmp_path).training.batch_size == 8
