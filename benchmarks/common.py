@@ -38,21 +38,28 @@ def adam_diffusion_step(model, schedule, x0, tx):
 
 
 def training_record(workdir: pathlib.Path) -> dict:
-  """From a run's metrics.jsonl: the last step, steps/s between the first and last logged steps,
-  the seconds to compile and run the first step (0 where a run did not log them), the last
-  logged loss, and the minutes of training (logged span plus compilation; the steps before the
-  first logged one, under 1%, are left out)."""
+  """From a run's metrics.jsonl: the last step, steps/s over the logged steps, the seconds to
+  compile and run the first step of each session (0 where a run did not log them), the last
+  logged loss, and the minutes of training. A resumed run's sessions each start with their
+  compile record and are timed apart, so the time between a stop and its resume is not
+  counted; within a session, the steps before its first logged one (under 1%) are left out."""
   lines = (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
   records = [json.loads(line) for line in lines]
-  timed = [r for r in records if 'time' in r]
-  span = timed[-1]['time'] - timed[0]['time'] if timed else float('nan')
-  compile_s = next((r['compile_and_first_step_s'] for r in records
-                    if 'compile_and_first_step_s' in r), 0.0)
+  sessions, compile_s = [[]], 0.0
+  for record in records:
+    if 'compile_and_first_step_s' in record:
+      compile_s += record['compile_and_first_step_s']
+      sessions.append([])
+    if 'time' in record:
+      sessions[-1].append(record)
+  timed = [s for s in sessions if len(s) > 1]
+  span = sum(s[-1]['time'] - s[0]['time'] for s in timed)
+  steps = sum(s[-1]['step'] - s[0]['step'] for s in timed)
+  last = [r for s in sessions for r in s]
   return dict(step=max(r['step'] for r in records),
-              rate=(timed[-1]['step'] - timed[0]['step']) / span if len(timed) > 1 else
-              float('nan'),
-              compile_s=compile_s, loss=timed[-1]['loss'] if timed else float('nan'),
-              minutes=(span + compile_s) / 60.0)
+              rate=steps / span if span > 0 else float('nan'),
+              compile_s=compile_s, loss=last[-1]['loss'] if last else float('nan'),
+              minutes=(span + compile_s) / 60.0 if timed else float('nan'))
 
 
 def machine() -> str:

@@ -14,6 +14,7 @@ import pytest
 from scipy import special, stats
 from sklearn.linear_model import LinearRegression
 
+from benchmarks import common
 from ddpm_jax import (config_lib, generate, inference, input_pipeline, masking, schedules,
                       series_data, series_metrics, series_tasks, trainer)
 from ddpm_jax.configs import ett
@@ -325,3 +326,18 @@ def test_the_validation_part_can_be_scored_to_choose_settings(protocol_run, tmp_
     # validation part's last row, 11,519.
     np.testing.assert_array_equal(arrays['first_rows'], [8640 - 12, 11520 - 16])
   assert json.loads((out / 'metrics.json').read_text())['part'] == 'validation'
+
+
+def test_training_time_of_a_resumed_run_leaves_out_the_gap(tmp_path):
+  # Two sessions of a run: steps 1-100 in 50 s, a day's pause, then steps 101-200 in 40 s, each
+  # session first compiling (10 s, then 5 s). The benchmarks report 105 s, not a day.
+  records = [{'step': 1, 'compile_and_first_step_s': 10.0},
+             {'step': 50, 'loss': 0.5, 'time': 1000.0}, {'step': 100, 'loss': 0.4, 'time': 1050.0},
+             {'step': 101, 'compile_and_first_step_s': 5.0},
+             {'step': 150, 'loss': 0.3, 'time': 87_400.0},
+             {'step': 200, 'loss': 0.2, 'time': 87_440.0}]
+  (tmp_path / 'metrics.jsonl').write_text('\n'.join(json.dumps(r) for r in records) + '\n')
+  record = common.training_record(tmp_path)
+  assert record['step'] == 200 and record['loss'] == 0.2 and record['compile_s'] == 15.0
+  assert math.isclose(record['minutes'], (50 + 40 + 15) / 60)
+  assert math.isclose(record['rate'], (50 + 50) / (50 + 40))
