@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 
 from ddpm_jax import schedules as schedules_lib
+from ddpm_jax import series_data
 from ddpm_jax.errors import InputError
 
 # Sections a checkpoint depends on: resuming with other values here cannot work.
@@ -39,13 +40,15 @@ MODEL_INPUT_DEFAULTS = dict(
     observed_input=False,  # the network also takes observed values and their mask (series tasks)
     # 'linear_map' (with observed_input and data.horizon): a forecast's horizon is modelled as
     # its difference from the least-squares linear map of its lookback, fitted on the training
-    # rows (TimeDiff's linear initialisation, Shen & Kwok 2023); '': the values themselves
+    # rows (TimeDiff's linear initialisation, Shen & Kwok 2023); 'nlinear_map': from the same
+    # map fitted relative to the last past value (NLinear), which follows a level the training
+    # rows never had; '': the values themselves
     forecast_base='',
     # True (with observed_input): each window less each channel's mean over its observed entries
     # (RevIN's instance normalisation without the scale, Kim et al. 2022); samples get it back
     center_observed=False,
 )
-FORECAST_BASES = ('', 'linear_map')
+FORECAST_BASES = ('',) + tuple(series_data.LINEAR_MAPS)
 
 
 # Ranges of the sizes a config (or a downloaded run's config.json, or a diffusers config.json)
@@ -189,12 +192,13 @@ def forecast_base(config) -> str:
 def base_weights(config, data_stats: Optional[dict]) -> Optional[np.ndarray]:
   """float32 [C, lookback + 1, H]: the linear map a run with model.forecast_base models the
   horizon against (None without one), from the data statistics saved with the run."""
-  if not forecast_base(config):
+  base = forecast_base(config)
+  if not base:
     return None
-  if not data_stats or 'linear_map' not in data_stats:
-    raise InputError('model.forecast_base=linear_map needs the linear map of the training rows '
-                     'in the data statistics; the series source fits it when data.horizon > 0')
-  return np.asarray(data_stats['linear_map'], np.float32)
+  if not data_stats or base not in data_stats:
+    raise InputError(f'model.forecast_base={base} needs that linear map of the training rows in '
+                     f'the data statistics; the series source fits it when data.horizon > 0')
+  return np.asarray(data_stats[base], np.float32)
 
 
 def center_observed(config) -> bool:

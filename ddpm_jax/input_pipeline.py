@@ -210,8 +210,9 @@ class SeriesSource:
   the same, except that under the 'ett' protocol a validation or test window may take its
   lookback (``window - horizon`` steps) from the rows before its part, and those windows step
   by 1 (the benchmark scores every one). No window's horizon leaves its part. With a
-  ``horizon``, ``stats['linear_map']`` holds the least-squares map from the lookback to the
-  horizon on the normalised training rows ([C, lookback + 1, horizon]).
+  ``horizon``, ``stats['linear_map']`` and ``stats['nlinear_map']`` hold the least-squares maps
+  from the lookback to the horizon on the normalised training rows ([C, lookback + 1, horizon];
+  series_data.LINEAR_MAPS).
   """
 
   def __init__(self, series: np.ndarray, names: Sequence[str], window: int, stride: int,
@@ -236,9 +237,10 @@ class SeriesSource:
       lookback, held_out_stride = window - horizon, 1
     self.stats = series_data.fit_normalization(series[:split], normalization, names)
     normalized = series_data.normalize(series, self.stats, copy=copy)
-    if horizon:  # a run made for one horizon: its linear map, the base model.forecast_base uses
-      self.stats['linear_map'] = series_data.fit_linear_map(
-          normalized[:split], window - horizon, horizon).astype(np.float32).tolist()
+    if horizon:  # a run made for one horizon: the linear maps model.forecast_base can take
+      for name, relative in series_data.LINEAR_MAPS.items():
+        self.stats[name] = series_data.fit_linear_map(
+            normalized[:split], window - horizon, horizon, relative).astype(np.float32).tolist()
     self.names = list(names)
     self.window_rows = {part: (first - (lookback if part != 'train' else 0), end)
                         for part, (first, end) in self.row_ranges.items()}

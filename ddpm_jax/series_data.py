@@ -24,6 +24,10 @@ PROTOCOLS = ('fractions', 'ett')
 ETT_MONTH = 30 * 24  # hourly rows
 ETT_ROWS = {'train': (0, 12 * ETT_MONTH), 'validation': (12 * ETT_MONTH, 16 * ETT_MONTH),
             'test': (16 * ETT_MONTH, 20 * ETT_MONTH)}
+# The least-squares linear maps from a lookback to a horizon (fit_linear_map), by name: the
+# plain one (DLinear without its decomposition) and NLinear's, relative to the last past value.
+# A run for one horizon saves both with its statistics; model.forecast_base names one of them.
+LINEAR_MAPS = {'linear_map': False, 'nlinear_map': True}
 # Limits of the CSV reader: a real series has a handful of short cells per row.
 MAX_CSV_COLUMNS = 10_000
 MAX_CSV_LINE = 1 << 20
@@ -270,19 +274,33 @@ def denormalize(x, stats: dict):
   return (x + 1.0) / 2.0 * (high - low) + low
 
 
-def fit_linear_map(train_rows: np.ndarray, lookback: int, horizon: int) -> np.ndarray:
+def fit_linear_map(train_rows: np.ndarray, lookback: int, horizon: int,
+                   relative: bool = False) -> np.ndarray:
   """The least-squares linear map from ``lookback`` past steps (and a constant) to the next
   ``horizon``, one per channel, fitted on every window of the training rows [N, C] (DLinear
-  without its trend / seasonal split) -> weights [C, lookback + 1, horizon]."""
+  without its trend / seasonal split) -> weights [C, lookback + 1, horizon].
+
+  ``relative``: NLinear's map (Zeng et al. 2023), fitted to each window less its last past
+  value and adding that value back, s + A (past - s) + b. Its weights sum to one over the past,
+  so a context moved by a constant moves the forecast by the same constant: the map does not
+  pull a level the training rows never had back towards theirs. It is returned in the same form
+  as the plain map, A's weights with 1 - sum(A) added to the last past step's."""
   if len(train_rows) < lookback + horizon + lookback:
     raise InputError(f'the training part ({len(train_rows)} rows) is too short to fit a linear '
                      f'map from {lookback} steps to {horizon}')
   windows = np.lib.stride_tricks.sliding_window_view(train_rows, lookback + horizon, axis=0)
   weights = []
   for c in range(train_rows.shape[1]):
-    inputs = windows[:, c, :lookback]  # [W, lookback]
-    design = np.concatenate([inputs, np.ones((len(inputs), 1))], axis=1)
-    weights.append(np.linalg.lstsq(design, windows[:, c, lookback:], rcond=None)[0])
+    past, future = windows[:, c, :lookback], windows[:, c, lookback:]  # [W, lookback], [W, H]
+    if relative:
+      last = past[:, -1:]
+      past, future = past[:, :-1] - last, future - last  # the last step's column would be 0
+    design = np.concatenate([past, np.ones((len(past), 1))], axis=1)
+    fitted = np.linalg.lstsq(design, future, rcond=None)[0]
+    if relative:
+      fitted = np.concatenate([fitted[:-1], 1.0 - fitted[:-1].sum(0, keepdims=True),
+                               fitted[-1:]])
+    weights.append(fitted)
   return np.stack(weights)
 
 

@@ -290,14 +290,15 @@ def forecast_baselines(train_rows: np.ndarray, context: np.ndarray, horizon: int
                        num_samples: int, seed: int) -> dict:
   """{name: forecasts [K, S, horizon, C]} of the windows' context [K, T, C] (original units)
   by the simple models a forecaster must beat, fitted on the training rows [N, C]: seasonal
-  naive and the least-squares linear map (points, S = 1) and climatology (S = num_samples)."""
-  weights = series_data.fit_linear_map(train_rows, context.shape[1], horizon)
-  return {
-      'seasonal_naive': series_metrics.seasonal_naive(context, horizon, season)[:, None],
-      'linear_map': series_data.linear_map_forecast(weights, context)[:, None],
-      'climatology': series_metrics.climatology_samples(train_rows, num_samples,
-                                                        (len(context), horizon,
-                                                         context.shape[2]), seed)}
+  naive and the least-squares linear maps of series_data.LINEAR_MAPS (points, S = 1) and
+  climatology (S = num_samples)."""
+  baselines = {'seasonal_naive': series_metrics.seasonal_naive(context, horizon, season)[:, None]}
+  for name, relative in series_data.LINEAR_MAPS.items():
+    weights = series_data.fit_linear_map(train_rows, context.shape[1], horizon, relative)
+    baselines[name] = series_data.linear_map_forecast(weights, context)[:, None]
+  baselines['climatology'] = series_metrics.climatology_samples(
+      train_rows, num_samples, (len(context), horizon, context.shape[2]), seed)
+  return baselines
 
 
 def _result(config, task, settings, num_windows, num_samples, elapsed, scores) -> dict:

@@ -98,6 +98,38 @@ def test_linear_map_is_least_squares():
     np.testing.assert_allclose(forecast[..., c], reference, rtol=1e-6, atol=1e-8)
 
 
+def test_nlinear_map_is_least_squares_on_the_window_less_its_last_value():
+  rng = np.random.default_rng(1)
+  train = rng.normal(size=(300, 2)).cumsum(axis=0)
+  lookback, horizon = 6, 3
+  weights = series_data.fit_linear_map(train, lookback, horizon, relative=True)
+  context = rng.normal(size=(5, 10, 2))
+  forecast = series_data.linear_map_forecast(weights, context)
+  for c in range(2):  # NLinear: regress the future less the last value on the past less it
+    starts = range(300 - lookback - horizon + 1)
+    last = np.stack([train[i + lookback - 1, c] for i in starts])[:, None]
+    inputs = np.stack([train[i:i + lookback - 1, c] for i in starts]) - last
+    outputs = np.stack([train[i + lookback:i + lookback + horizon, c] for i in starts]) - last
+    past, now = context[:, -lookback:-1, c], context[:, -1:, c]
+    reference = now + LinearRegression().fit(inputs, outputs).predict(past - now)
+    np.testing.assert_allclose(forecast[..., c], reference, rtol=1e-6, atol=1e-8)
+
+
+def test_nlinear_map_moves_with_the_level_and_the_plain_map_does_not():
+  # A mean-reverting AR(1) around 0: the plain map pulls a context at level 5 back towards 0,
+  # NLinear's moves its forecast with the level, exactly.
+  rng = np.random.default_rng(2)
+  x = np.zeros(3000)
+  for t in range(1, 3000):
+    x[t] = 0.9 * x[t - 1] + rng.normal()
+  context = x[None, 2000:2024, None]
+  for relative, moves in ((False, False), (True, True)):
+    weights = series_data.fit_linear_map(x[:2000, None], 24, 6, relative)
+    shift = (series_data.linear_map_forecast(weights, context + 5.0)
+             - series_data.linear_map_forecast(weights, context))
+    assert np.allclose(shift, 5.0, atol=1e-9) == moves, shift
+
+
 def test_linear_map_recovers_an_exact_recursion():
   x = np.zeros(200)
   x[:2] = 1.0, 2.0
@@ -199,16 +231,18 @@ def test_backtest_scores_test_windows_on_the_z_scale(protocol_run, ett_csv, tmp_
     assert arrays['samples'].shape == (3, 4, 4, 7)
   result = json.loads((out / 'metrics.json').read_text())
   assert result['horizon'] == 4 and result['scale'] == 'z-scored'
-  assert set(result['scores']) == {'model', 'seasonal_naive', 'linear_map', 'climatology'}
-  # The linear map's MSE, recomputed here on the z-scale from the CSV's rows.
+  assert set(result['scores']) == {'model', 'seasonal_naive', 'linear_map', 'nlinear_map',
+                                    'climatology'}
+  # The linear maps' MSE, recomputed here on the z-scale from the CSV's rows.
   train = values[:8640]
   mean, std = train.mean(axis=0), train.std(axis=0)
   z = (values - mean) / std
-  weights = series_data.fit_linear_map(z[:8640], 12, 4)
   context = np.stack([z[r:r + 12] for r in first_rows])
   target = np.stack([z[r + 12:r + 16] for r in first_rows])
-  mse = ((series_data.linear_map_forecast(weights, context) - target) ** 2).mean()
-  assert result['scores']['linear_map']['mse'] == pytest.approx(mse, rel=1e-4)
+  for name, relative in (('linear_map', False), ('nlinear_map', True)):
+    weights = series_data.fit_linear_map(z[:8640], 12, 4, relative)
+    mse = ((series_data.linear_map_forecast(weights, context) - target) ** 2).mean()
+    assert result['scores'][name]['mse'] == pytest.approx(mse, rel=1e-4)
 
 
 @pytest.mark.slow
@@ -277,7 +311,7 @@ class StandardNormalDenoiser(nn.Module):
 
 
 @pytest.mark.parametrize('base,center', [('linear_map', False), ('linear_map', True),
-                                         ('', True)])
+                                         ('nlinear_map', True), ('', True)])
 def test_a_shifted_run_samples_the_shift_plus_the_networks_residual(base, center):
   """The network's space is the window less its shift (the map's forecast in the horizon, or
   the lookback's mean when centred alone); with the N(0, 1) denoiser a forecast is that shift
@@ -288,7 +322,9 @@ def test_a_shifted_run_samples_the_shift_plus_the_networks_residual(base, center
   config.model.center_observed = center
   rng = np.random.default_rng(1)
   weights = rng.normal(scale=0.3, size=(1, LENGTH - 4 + 1, 4))
-  stats_ = dict(STATS, mean=[2.0], std=[3.0], linear_map=weights.tolist())
+  stats_ = dict(STATS, mean=[2.0], std=[3.0], linear_map=weights.tolist(),
+                nlinear_map=(weights[..., ::-1]).tolist())
+  weights = np.asarray(stats_[base or 'linear_map'])  # the map the run's base names
   sample_fn = inference.make_sample_fn(StandardNormalDenoiser(), config, stats_)
   observed = rng.normal(size=(LENGTH, 1)).astype(np.float32)  # model space
   mask = masking.forecast_mask(LENGTH, 1, 4)

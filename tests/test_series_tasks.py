@@ -269,7 +269,8 @@ def test_forecast_backtest_command(masked_run, tmp_path):
     assert arrays['target'].shape == (3, 4, 7)
     assert (arrays['first_rows'] >= 17420 - round(17420 * 0.1)).all()  # test part only
   result = json.loads((out / 'metrics.json').read_text())
-  assert set(result['scores']) == {'model', 'seasonal_naive', 'linear_map', 'climatology'}
+  assert set(result['scores']) == {'model', 'seasonal_naive', 'linear_map', 'nlinear_map',
+                                    'climatology'}
   assert result['conditioning'] == 'network'  # the masked run's network takes the observations
   assert result['scores']['seasonal_naive']['crps'] == pytest.approx(
       result['scores']['seasonal_naive']['mae'])
