@@ -41,6 +41,8 @@ PUBLISHED = {
     ('ETTh2', 96): [('DLinear', 0.289, None)],
 }
 SOURCE = {24: 'MMPD (ICLR 2026), Table 9.3', 96: 'DLinear (Zeng et al., AAAI 2023), Table 2'}
+LABELS = {'model': 'ours (configs/ett.py)', 'linear_map': 'linear map',
+          'nlinear_map': 'NLinear map (linear map relative to the last value)'}
 SCORES = ('crps', 'mse', 'mae', 'mse_mean', 'energy', 'coverage_50', 'coverage_90')
 LEVELS = np.linspace(0.1, 0.9, 9)
 
@@ -105,7 +107,7 @@ def _table(dataset: str, results: list, minutes: float) -> list:
            '| forecast | CRPS | MSE | MAE | MSE of mean | energy | 50% covered | 90% covered |',
            '|---|---|---|---|---|---|---|---|']
   for name in first['scores']:
-    label = 'ours (configs/ett.py)' if name == 'model' else name.replace('_', ' ')
+    label = LABELS.get(name, name.replace('_', ' '))
     lines.append(f'| {label} | ' + ' | '.join(_cell([r['scores'][name][s] for r in results])
                                               for s in SCORES) + ' |')
   for name, mse, crps in PUBLISHED.get((dataset, f.horizon), []):
