@@ -9,8 +9,9 @@ test window takes its 96 lookback rows from the rows before the test part, so th
 holds 2,857 windows at horizon 24. All 7 channels are z-scored with the training rows'
 statistics and the scores are on that scale (MSE, MAE, CRPS), beside a least-squares linear
 map, seasonal naive and climatology on the same windows. --config.data.horizon=48 or 96 makes
-a run for another horizon (the window is lookback + horizon). 12,000 steps train in 10-14
-minutes on a 2-core CPU, and scoring all 2,857 test windows x 100 samples takes 8-11 more;
+a run for another horizon (the window is lookback + horizon). 12,000 steps train in 10-18
+minutes on a 2-core CPU, and scoring all 2,857 test windows x 100 samples takes 8-16 more (the
+CPU's speed varies from day to day);
 docs/time_series.md gives the scores and what made them, and benchmarks/ett_protocol.py
 reproduces them. ETTh1.csv and ETTh2.csv: https://github.com/zhouhaoyi/ETDataset (folder
 ETT-small).
