@@ -5,13 +5,13 @@
 Data x0 ~ 0.3 N(-0.6, 0.15²) + 0.7 N(0.5, 0.2²) (the tests' mixture), whose optimal noise
 prediction is known in closed form (tests/analytic.py), so every error in the table is the
 sampler's own, plus Monte-Carlo noise of --num_samples draws (at 50,000: about 0.3% on the
-spread and 0.002 on the weight; the deterministic samplers share their x_T, so they share
-it). For the linear and the cosine schedule (discrete T = 1000 for ddpm, ddim, heun and the
+spread and 0.002 on the weight; the deterministic samplers share their x_T, so they share it).
+For the linear and the cosine schedule (discrete T = 1000 for ddpm, ddim, heun and the
 dpm_solver++ methods; their VP-SDE counterparts for euler, euler_maruyama and ode) and 5, 10,
-20, 50, 100 and 1000 network calls, it reports the relative error of the spread (std), the error of each
-component's mean, and the error of the weight of the larger component. A second table puts the
-Karras-spaced routes at 10 calls (heun: 9) against rho: as rho grows, Karras spacing tends to
-uniform steps in log sigma, which on a VP schedule is the log-SNR spacing. Writes
+20, 50, 100 and 1000 network calls, it reports the relative error of the spread (std), the error
+of each component's mean, and the error of the weight of the larger component. A second table
+puts the Karras-spaced routes at 10 calls (heun: 9) against rho: as rho grows, Karras spacing
+tends to uniform steps in log sigma, which on a VP schedule is the log-SNR spacing. Writes
 benchmarks/results/sampler_accuracy.md.
 """
 
